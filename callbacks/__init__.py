@@ -1,0 +1,1 @@
+"""Lightning callbacks (imported as ``visor_lightning.callbacks``): budget logging, MLflow artifacts."""

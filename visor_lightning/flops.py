@@ -1,0 +1,182 @@
+"""The one analytic FLOPs / KV-memory model. Logs, benchmarks, ``visor flops`` and tests all use this file.
+
+Convention (FastV Eq. 5, as used by PyramidDrop and others), counted as FLOPs = 2 x multiply-accumulates over
+matrix products only (norms, activations, RoPE and softmax are left out, as torch's FlopCounterMode does).
+With d = hidden size, d_kv = kv_heads x head_dim (GQA), m = FFN width, V = vocabulary:
+
+    proj(n)        = 2 n (2 d^2 + 2 d d_kv)          q, k, v, o projections
+    attn(nq, nk)   = 4 nq nk d                       QK^T and AV, every head, full (not causal-halved) matrix
+    mlp(n)         = 6 n d m                         SwiGLU: gate, up, down
+    layer(n)       = proj(n) + attn(n, n) + mlp(n)   one host decoder layer over n tokens
+    ca(nt, nv)     = 2 (2 nt d^2 + 2 nv d d_kv) + attn(nt, nv)     one VISOR cross-attention block
+
+Prefill of the LLM with Nt text and Nv visual tokens, for a configuration with active SA set A:
+
+    dense  = L * layer(Nt + Nv)
+    VISOR  = sum_{l in A} layer(Nt + Nv) + sum_{l not in A} layer(Nt) + |L_CA| * ca(Nt, Nv) + policy
+
+plus the LM head on the last token (2 d V) for both. The vision encoder (SigLIP up to the feature layer) and the
+connector are counted separately: they are the same for dense and VISOR. Decoding one token at step t (its
+context Nt + t text tokens) costs proj(1) + attn(1, keys) + mlp(1) per layer, keys being Nt + t (+ Nv in SA
+layers and the dense model), plus per CA layer 4 d^2 + attn(1, Nv) (visual K/V are cached), plus 2 d V.
+Visual KV-cache bytes = Nv x (number of layers holding visual K/V) x 2 d_kv x bytes per element.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+from .models.schedule import LayerSchedule, config_name
+from .models.spec import BackboneSpec
+
+
+@dataclass
+class Workload:
+    """Token counts the FLOPs are quoted for. Defaults: a square image in LLaVA-OV's 2x2 AnyRes grid."""
+
+    text_tokens: int = 64
+    visual_tokens: int | None = None  # None: from ``grid`` with LLaVA-OV's AnyRes packing
+    grid: tuple[int, int] = (2, 2)
+    decode_tokens: int = 16
+    bytes_per_element: int = 2  # bf16 KV cache
+
+    def resolve_visual(self, spec: BackboneSpec) -> int:
+        """Visual tokens LLaVA-OV makes for a square image tiled ``grid``: base crop + tiles + one newline per row."""
+        if self.visual_tokens is not None:
+            return self.visual_tokens
+        g = spec.vision.image_size // spec.vision.patch_size
+        gh, gw = self.grid
+        rows, cols = gh * g, gw * g
+        max_tiles = int(spec.vision_aspect_ratio.removeprefix("anyres_max_"))
+        ratio = (rows * cols / (max_tiles * g * g)) ** 0.5
+        if ratio > 1.1:
+            rows, cols = int(rows // ratio), int(cols // ratio)
+        return g * g + rows * (cols + 1)
+
+    @property
+    def crops(self) -> int:
+        return 1 + self.grid[0] * self.grid[1]
+
+
+class FlopsModel:
+    """Analytic counts for one backbone and schedule."""
+
+    def __init__(self, spec: BackboneSpec, schedule: LayerSchedule, policy_width: int = 256) -> None:
+        self.spec, self.schedule, self.policy_width = spec, schedule, policy_width
+        t = spec.text
+        self.d, self.m, self.vocab, self.L = t.hidden_size, t.intermediate_size, t.vocab_size, t.num_layers
+        self.d_kv = t.num_kv_heads * t.head_dim
+
+    # ---- building blocks ----------------------------------------------------------------------------
+    def proj(self, n: int) -> int:
+        return 2 * n * (2 * self.d * self.d + 2 * self.d * self.d_kv)
+
+    def attn(self, nq: int, nk: int, d: int | None = None) -> int:
+        return 4 * nq * nk * (d or self.d)
+
+    def mlp(self, n: int) -> int:
+        return 6 * n * self.d * self.m
+
+    def layer(self, n: int) -> int:
+        return self.proj(n) + self.attn(n, n) + self.mlp(n)
+
+    def ca(self, nt: int, nv: int) -> int:
+        return 2 * (2 * nt * self.d * self.d + 2 * nv * self.d * self.d_kv) + self.attn(nt, nv)
+
+    def lm_head(self, n: int = 1) -> int:
+        return 2 * n * self.d * self.vocab
+
+    def policy(self) -> int:
+        w, c = self.policy_width, len(self.schedule.feasible)
+        return 2 * (2 * self.d * w + w * c) if self.schedule.router_layer is not None else 0
+
+    # ---- totals -------------------------------------------------------------------------------------
+    def vision(self, crops: int) -> int:
+        """SigLIP up to the feature layer: patch conv + encoder layers, per crop."""
+        v = self.spec.vision
+        p = v.tokens_per_crop
+        used = v.feature_layer if v.feature_layer >= 0 else v.num_layers + 1 + v.feature_layer
+        patch = 2 * p * v.hidden_size * v.num_channels * v.patch_size**2
+        layer = 2 * p * 4 * v.hidden_size**2 + self.attn(p, p, v.hidden_size) + 2 * 2 * p * v.hidden_size * v.intermediate_size
+        return crops * (patch + used * layer)
+
+    def connector(self, crops: int, nv: int) -> int:
+        """2-layer MLP projector on every crop token + depthwise conv (kernel 7) on the packed visual tokens."""
+        p = self.spec.vision.tokens_per_crop
+        return 2 * crops * p * (self.spec.vision.hidden_size * self.d + self.d * self.d) + 2 * nv * self.d * 7
+
+    def prefill(self, active: Sequence[int] | None, nt: int, nv: int) -> int:
+        """LLM prefill FLOPs (LM head on the last token included). ``active=None`` means the dense host model."""
+        head = self.lm_head(1)
+        if active is None:
+            return self.L * self.layer(nt + nv) + head
+        act = set(active)
+        body = sum(self.layer(nt + nv) if l in act else self.layer(nt) for l in range(self.L))
+        return body + len(self.schedule.ca_layers) * self.ca(nt, nv) + self.policy() + head
+
+    def decode(self, active: Sequence[int] | None, nt: int, nv: int, steps: int) -> float:
+        """Mean FLOPs per generated token over ``steps`` decode steps after the prefill."""
+        total = 0
+        for t in range(1, steps + 1):
+            ctx = nt + t
+            if active is None:
+                total += self.L * (self.proj(1) + self.attn(1, ctx + nv) + self.mlp(1))
+            else:
+                act = set(active)
+                for l in range(self.L):
+                    total += self.proj(1) + self.mlp(1) + self.attn(1, ctx + (nv if l in act else 0))
+                total += len(self.schedule.ca_layers) * (4 * self.d * self.d + self.attn(1, nv))
+            total += self.lm_head(1)
+        return total / max(steps, 1)
+
+    def visual_kv_bytes(self, active: Sequence[int] | None, nv: int, bytes_per_element: int = 2) -> int:
+        layers = self.L if active is None else len(set(active)) + len(self.schedule.ca_layers)
+        return nv * layers * 2 * self.d_kv * bytes_per_element
+
+    def table(self, work: Workload) -> list[dict]:
+        """One row for the dense model, then one per feasible configuration."""
+        nt, nv = work.text_tokens, work.resolve_visual(self.spec)
+        dense_pre = self.prefill(None, nt, nv)
+        dense_dec = self.decode(None, nt, nv, work.decode_tokens)
+        vis = self.vision(work.crops) + self.connector(work.crops, nv)
+        rows = []
+        for name, active in [("dense", None)] + [(config_name(c), c) for c in self.schedule.feasible]:
+            pre = self.prefill(active, nt, nv)
+            dec = self.decode(active, nt, nv, work.decode_tokens)
+            rows.append(
+                dict(
+                    config=name,
+                    sa_layers=None if active is None else len(active),
+                    text_tokens=nt,
+                    visual_tokens=nv,
+                    prefill_flops=pre,
+                    prefill_saving=dense_pre / pre,
+                    prefill_with_vision_saving=(dense_pre + vis) / (pre + vis),
+                    decode_flops_per_token=dec,
+                    decode_saving=dense_dec / dec,
+                    visual_kv_bytes=self.visual_kv_bytes(active, nv, work.bytes_per_element),
+                    vision_flops=vis,
+                )
+            )
+        return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table of :meth:`FlopsModel.table` rows."""
+    head = "| config | SA | prefill TFLOPs | saving | saving incl. vision | decode GFLOPs/tok | decode saving | visual KV MiB |"
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        lines.append(
+            f"| {r['config']} | {'all' if r['sa_layers'] is None else r['sa_layers']} | {r['prefill_flops'] / 1e12:.3f} "
+            f"| {r['prefill_saving']:.2f}x | {r['prefill_with_vision_saving']:.2f}x | {r['decode_flops_per_token'] / 1e9:.3f} "
+            f"| {r['decode_saving']:.2f}x | {r['visual_kv_bytes'] / 2**20:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def workload_dict(work: Workload, spec: BackboneSpec) -> dict:
+    d = asdict(work)
+    d["visual_tokens"] = work.resolve_visual(spec)
+    d["crops"] = work.crops
+    return d

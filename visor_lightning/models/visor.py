@@ -1,0 +1,271 @@
+"""VisorModel = vision encoder + connector + VISOR language backbone + policy, built on LLaVA-OneVision parts.
+
+The four parts are separate modules (``vision``, ``connector``, ``lm``, ``policy``) so training stages can
+freeze or train each one. The host parts are transformers' own modules taken out of a
+``LlavaOnevisionForConditionalGeneration``; :meth:`VisorModel.original_key` maps every one of their parameters
+back to its checkpoint key, and :meth:`VisorModel.new_parameters` lists what VISOR adds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .cache import VisorCache
+from .connector import Connector
+from .policy import Policy
+from .schedule import LayerSchedule, ScheduleConfig
+from .spec import BackboneSpec
+from .vision import VisionEncoder
+from .visor_lm import LMOutput, VisorLanguageModel
+
+# our module prefix -> LLaVA-OneVision checkpoint prefix (transformers >= 4.52 layout)
+_ORIGINAL_PREFIXES = (
+    ("vision.tower.", "model.vision_tower."),
+    ("connector.projector.", "model.multi_modal_projector."),
+    ("connector.image_newline", "model.image_newline"),
+    ("lm.embed_tokens.", "model.language_model.embed_tokens."),
+    ("lm.layers.", "model.language_model.layers."),
+    ("lm.norm.", "model.language_model.norm."),
+    ("lm.lm_head.", "lm_head."),
+)
+_NEW_PREFIXES = ("lm.ca_blocks.", "connector.cpe.", "policy.")
+
+
+@dataclass
+class LoadReport:
+    """What :meth:`VisorModel.from_llava_onevision` did: loaded original tensors, and the new VISOR weights."""
+
+    path: str
+    loaded: int
+    new: list[str] = field(default_factory=list)
+    new_params: int = 0
+    missing_in_checkpoint: list[str] = field(default_factory=list)
+    unexpected_in_checkpoint: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"loaded {self.loaded} original tensors from {self.path}; new VISOR weights: {len(self.new)} tensors "
+            f"({self.new_params / 1e6:.2f}M params: CA blocks, positional conv, policy)"
+        )
+
+
+@dataclass
+class VisorOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None
+    lm: LMOutput
+
+
+class VisorModel(nn.Module):
+    def __init__(
+        self,
+        backbone: BackboneSpec,
+        schedule: ScheduleConfig | LayerSchedule | None = None,
+        policy_width: int = 256,
+        host: nn.Module | None = None,
+    ) -> None:
+        """``host`` is a LlavaOnevisionForConditionalGeneration to take parts from; random init if None."""
+        super().__init__()
+        from transformers import LlavaOnevisionForConditionalGeneration
+
+        if host is None:
+            cfg = backbone.to_hf_config()
+            cfg.text_config._attn_implementation = "sdpa"
+            cfg.vision_config._attn_implementation = "sdpa"
+            host = LlavaOnevisionForConditionalGeneration(cfg)
+        self.backbone = backbone
+        sched = schedule if isinstance(schedule, LayerSchedule) else LayerSchedule.build(backbone.text.num_layers, schedule)
+        self.schedule = sched
+        inner = host.model
+        self.vision = VisionEncoder(inner.vision_tower, backbone.vision.feature_layer)
+        self.connector = Connector(
+            inner.multi_modal_projector,
+            inner.image_newline,
+            image_size=backbone.vision.image_size,
+            patch_size=backbone.vision.patch_size,
+            grid_pinpoints=backbone.pinpoints(),
+            vision_aspect_ratio=backbone.vision_aspect_ratio,
+        )
+        self.lm = VisorLanguageModel(inner.language_model, host.lm_head, sched)
+        self.policy = Policy(backbone.text.hidden_size, len(sched.feasible), policy_width)
+        self.image_token_id = backbone.image_token_id
+
+    # ---- loading ------------------------------------------------------------------------------------
+    @classmethod
+    def from_llava_onevision(
+        cls,
+        path: str | Path,
+        schedule: ScheduleConfig | LayerSchedule | None = None,
+        dtype: torch.dtype = torch.float32,
+        policy_width: int = 256,
+    ) -> tuple["VisorModel", LoadReport]:
+        """Build from a local LLaVA-OneVision directory (``save_pretrained`` layout; nothing is downloaded).
+
+        Original weights load through transformers unchanged; CA blocks, the positional conv and the policy are
+        new and reported as such. A checkpoint that lacks original weights is refused.
+        """
+        from transformers import LlavaOnevisionForConditionalGeneration
+
+        spec = BackboneSpec.from_pretrained_dir(path)
+        host, info = LlavaOnevisionForConditionalGeneration.from_pretrained(
+            str(path), dtype=dtype, attn_implementation="sdpa", output_loading_info=True, local_files_only=True
+        )
+        missing = sorted(info.get("missing_keys", []))
+        if missing:
+            raise ValueError(f"{path}: checkpoint lacks {len(missing)} original weights, e.g. {missing[:5]}")
+        model = cls(spec, schedule, policy_width=policy_width, host=host)
+        model.to(dtype)
+        new = model.new_parameters()
+        report = LoadReport(
+            path=str(path),
+            loaded=sum(1 for n, _ in model.named_parameters() if n not in new),
+            new=sorted(new),
+            new_params=sum(p.numel() for n, p in model.named_parameters() if n in new),
+            unexpected_in_checkpoint=sorted(info.get("unexpected_keys", [])),
+        )
+        return model, report
+
+    def new_parameters(self) -> set[str]:
+        """Names of parameters VISOR adds (not in a LLaVA-OneVision checkpoint)."""
+        return {n for n, _ in self.named_parameters() if n.startswith(_NEW_PREFIXES)}
+
+    @staticmethod
+    def original_key(name: str) -> str | None:
+        """Our parameter name -> its LLaVA-OneVision checkpoint key (None for new VISOR weights)."""
+        for ours, theirs in _ORIGINAL_PREFIXES:
+            if name.startswith(ours):
+                return theirs + name[len(ours):]
+        return None
+
+    # ---- inputs -------------------------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Images -> one visual-token sequence per image.
+
+        ``pixel_values`` is [B, C, H, W] (one crop per image) or [B, crops, C, H, W] with ``image_sizes`` [B, 2]
+        (height, width) as LLaVA-OV's processor makes them (AnyRes: base crop + tiles; padding crops ignored).
+        """
+        if pixel_values.dim() == 4:
+            crops = [1] * pixel_values.shape[0]
+            flat = pixel_values
+            image_sizes = None
+        elif pixel_values.dim() == 5:
+            if image_sizes is None:
+                raise ValueError("image_sizes is required with 5-D pixel_values [B, crops, C, H, W] (AnyRes tiling)")
+            if image_sizes.shape != (pixel_values.shape[0], 2):
+                raise ValueError(f"image_sizes must be [B, 2] (height, width), got {tuple(image_sizes.shape)}")
+            crops = [self.connector.num_crops(tuple(int(x) for x in hw)) for hw in image_sizes]
+            if max(crops) > pixel_values.shape[1]:
+                raise ValueError(f"pixel_values has {pixel_values.shape[1]} crops per image, image_sizes need {max(crops)}")
+            flat = torch.cat([pv[:c] for pv, c in zip(pixel_values, crops)], dim=0)
+        else:
+            raise ValueError(f"pixel_values must be 4-D or 5-D, got shape {tuple(pixel_values.shape)}")
+        return self.connector(self.vision(flat), crops, image_sizes)
+
+    def embed(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids with image placeholders -> (interleaved embeddings [B, N, d], is_visual [B, N])."""
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be a non-empty [B, N] batch, got shape {tuple(input_ids.shape)}")
+        is_visual = input_ids == self.image_token_id
+        if (~is_visual).sum(1).min() == 0:
+            raise ValueError("input_ids: every sample needs at least one text token (the prompt is empty)")
+        embeds = self.lm.embed_tokens(input_ids.masked_fill(is_visual, 0))
+        if pixel_values is None:
+            if is_visual.any():
+                raise ValueError("input_ids contain image tokens but pixel_values is None")
+            return embeds, is_visual
+        per_image = self.encode_images(pixel_values, image_sizes)
+        counts = is_visual.sum(1).tolist()
+        for i, (c, v) in enumerate(zip(counts, per_image)):
+            if c != v.shape[0]:
+                raise ValueError(
+                    f"input_ids row {i} has {c} image tokens but its image gives {v.shape[0]} visual tokens: "
+                    "expand the <image> placeholder with the model's processor"
+                )
+        feats = torch.cat(per_image, dim=0).to(embeds.dtype)
+        embeds = embeds.masked_scatter(is_visual[..., None], feats)
+        return embeds, is_visual
+
+    # ---- forward / generate -------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        config_ids: torch.Tensor | None = None,
+        use_policy: bool = False,
+        cache: VisorCache | None = None,
+        last_only: bool = False,
+    ) -> VisorOutput:
+        """Logits per text slot ([B, Nt, vocab]; ``lm.streams.text_idx`` gives their sequence positions).
+
+        ``labels`` [B, N] are aligned with ``input_ids`` as in transformers (-100 = ignore) and shifted here.
+        """
+        embeds, is_visual = self.embed(input_ids, pixel_values, image_sizes)
+        out = self.lm(
+            embeds, is_visual, attention_mask, config_ids=config_ids,
+            policy=self.policy if use_policy else None, cache=cache, last_only=last_only,
+        )
+        loss = None
+        if labels is not None:
+            if last_only:
+                raise ValueError("labels need logits for every text token: last_only must be False")
+            shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+            ext = torch.cat([shifted, shifted.new_full((shifted.shape[0], 1), -100)], dim=1)
+            targets = ext.gather(1, out.streams.text_idx)
+            loss = nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return VisorOutput(out.logits, loss, out)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 16,
+        config_ids: torch.Tensor | None = None,
+        use_policy: bool = False,
+        eos_token_id: int | None = None,
+        use_cache: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy decoding (left-pad batches). Returns (new tokens [B, T], configuration ids [B]).
+
+        With the cache, visual K/V live only in CA blocks (computed once per image) and the SA layers a sample
+        runs; without it, every step re-runs the prefill on the grown sequence (the reference for tests).
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        b = input_ids.shape[0]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        cache = VisorCache(self.schedule.num_layers) if use_cache else None
+        out = self(input_ids, pixel_values, image_sizes, attention_mask, config_ids=config_ids,
+                   use_policy=use_policy, cache=cache, last_only=True)
+        config_ids = out.lm.config_ids
+        tokens: list[torch.Tensor] = []
+        done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+        logits = out.logits
+        ids, mask = input_ids, attention_mask
+        for step in range(max_new_tokens):
+            nxt = logits.argmax(-1)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done |= nxt == eos_token_id
+            tokens.append(nxt)
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            if cache is not None:
+                logits = self.lm.decode_step(nxt, cache)
+            else:
+                ids = torch.cat([ids, nxt[:, None]], dim=1)
+                mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+                logits = self(ids, pixel_values, image_sizes, mask, config_ids=config_ids, last_only=True).logits
+        return torch.stack(tokens, dim=1), config_ids
