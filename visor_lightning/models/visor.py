@@ -22,15 +22,16 @@ from .spec import BackboneSpec
 from .vision import VisionEncoder
 from .visor_lm import LMOutput, VisorLanguageModel
 
-# our module prefix -> LLaVA-OneVision checkpoint prefix (transformers >= 4.52 layout)
+# our module prefix -> key in a LLaVA-OneVision checkpoint file (the layout transformers' save_pretrained writes
+# and the published llava-onevision-*-hf checkpoints use; transformers maps older variants itself on load)
 _ORIGINAL_PREFIXES = (
-    ("vision.tower.", "model.vision_tower."),
-    ("connector.projector.", "model.multi_modal_projector."),
-    ("connector.image_newline", "model.image_newline"),
-    ("lm.embed_tokens.", "model.language_model.embed_tokens."),
-    ("lm.layers.", "model.language_model.layers."),
-    ("lm.norm.", "model.language_model.norm."),
-    ("lm.lm_head.", "lm_head."),
+    ("vision.tower.", "vision_tower."),
+    ("connector.projector.", "multi_modal_projector."),
+    ("connector.image_newline", "image_newline"),
+    ("lm.embed_tokens.", "language_model.model.embed_tokens."),
+    ("lm.layers.", "language_model.model.layers."),
+    ("lm.norm.", "language_model.model.norm."),
+    ("lm.lm_head.", "language_model.lm_head."),
 )
 _NEW_PREFIXES = ("lm.ca_blocks.", "connector.cpe.", "policy.")
 

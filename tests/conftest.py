@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny LLaVA-OneVision-shaped models built with transformers (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+from visor_lightning.models import LayerSchedule, ScheduleConfig, VisorModel, tiny_backbone
+
+torch.set_num_threads(2)
+
+
+def make_host(spec, seed: int = 0):
+    """A random transformers LlavaOnevisionForConditionalGeneration with the given shapes (sdpa, eval)."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = spec.to_hf_config()
+    cfg.text_config._attn_implementation = "sdpa"
+    cfg.vision_config._attn_implementation = "sdpa"
+    return LlavaOnevisionForConditionalGeneration(cfg).eval()
+
+
+def wake_new_weights(model: VisorModel, seed: int = 1) -> VisorModel:
+    """Give CA gates, CA projections and the positional conv non-zero values, so the visual path matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in model.new_parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "gate" in name else 0.1) + (0.5 if "gate" in name else 0.0))
+    return model
+
+
+def image_batch(model: VisorModel, sizes: list[tuple[int, int]], seed: int = 0):
+    """Random AnyRes pixel crops for images of the given (height, width) and their visual-token counts."""
+    g = torch.Generator().manual_seed(seed)
+    spec = model.backbone
+    crops = [model.connector.num_crops(hw) for hw in sizes]
+    s = spec.vision.image_size
+    pixels = torch.randn(len(sizes), max(crops), 3, s, s, generator=g)
+    image_sizes = torch.tensor(sizes)
+    with torch.no_grad():
+        n_vis = [v.shape[0] for v in model.encode_images(pixels, image_sizes)]
+    return pixels, image_sizes, n_vis
+
+
+def prompt_batch(model: VisorModel, n_vis: list[int], before: list[int], after: list[int], seed: int = 0):
+    """Left-padded [text_before, <image> x n_vis, text_after] rows -> (input_ids, attention_mask, unpadded rows)."""
+    g = torch.Generator().manual_seed(seed)
+    img = model.image_token_id
+    rows = [
+        torch.cat([torch.randint(0, img, (a,), generator=g), torch.full((v,), img), torch.randint(0, img, (b,), generator=g)])
+        for v, a, b in zip(n_vis, before, after)
+    ]
+    n = max(len(r) for r in rows)
+    ids = torch.stack([torch.cat([torch.zeros(n - len(r), dtype=torch.long), r]) for r in rows])
+    mask = torch.stack([torch.cat([torch.zeros(n - len(r), dtype=torch.long), torch.ones(len(r), dtype=torch.long)]) for r in rows])
+    return ids, mask, rows
+
+
+@pytest.fixture(scope="session")
+def spec():
+    return tiny_backbone()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, spec):
+    """A tiny random LLaVA-OneVision saved with save_pretrained, as a user's downloaded checkpoint would be."""
+    path = tmp_path_factory.mktemp("llava_ov_tiny")
+    make_host(spec, seed=3).save_pretrained(path)
+    return path
+
+
+@pytest.fixture()
+def visor_model(spec):
+    """Tiny VISOR model (default schedule: SA 0,3 with 0 always on; CA 1,4) with woken-up new weights."""
+    model = VisorModel(spec, ScheduleConfig(), host=make_host(spec)).eval()
+    return wake_new_weights(model)
+
+
+@pytest.fixture()
+def dense_pair(spec):
+    host = make_host(spec)
+    return host, VisorModel(spec, LayerSchedule.dense(spec.text.num_layers), host=host).eval()
