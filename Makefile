@@ -1,0 +1,25 @@
+# The two commands of the README. Both work on a fresh machine: they create .venv and install first.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is pinned in the same pip call as everything else, so no multi-GB CUDA build is pulled in.
+PINS := torch==2.13.0 mlflow==3.17.2
+
+.PHONY: demo test install clean
+
+$(BIN)/visor: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(PINS) -e ".[test]"
+	touch $(BIN)/visor
+
+install: $(BIN)/visor
+
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/visor demo --out runs/demo --json runs/demo/result.json
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra tests
+
+clean:
+	rm -rf runs .pytest_cache
