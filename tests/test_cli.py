@@ -1,0 +1,94 @@
+"""The ``visor`` command and the experiment configs it reads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from visor_lightning.cli import main
+from visor_lightning.config import load_model_section
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "experiments").rglob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert {p.parent.name for p in CONFIGS} >= {"debug", "llava_ov_0.5b"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_config_is_headed_by_its_command_and_parses(path, capsys):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# visor "), f"{path} must start with the command that runs it"
+    assert str(path.relative_to(ROOT)) in first
+    section = load_model_section(path)
+    assert section.schedule.num_layers == section.backbone.text.num_layers
+    assert main(["flops", "--config", str(path), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert rows[0]["config"] == "dense" and len(rows) == 1 + len(section.schedule.feasible)
+
+
+def test_flops_json_for_05b(capsys):
+    assert main(["flops", "--config", str(ROOT / "experiments/llava_ov_0.5b/model.yaml"), "--json", "--grid", "1x1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["workload"]["visual_tokens"] == 729 + 27 * 28 and out["schedule"] == "SC." + "sC." * 7
+    assert main(["flops", "--config", str(ROOT / "experiments/llava_ov_0.5b/model.yaml")]) == 0
+    assert "| dense | all |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "yaml_text, match",
+    [
+        ("model:\n  backbone:\n    text:\n      hiden_size: 8\n", "hiden_size"),
+        ("model:\n  backbone:\n    text:\n      num_layers: many\n", "num_layers"),
+        ("model:\n  schedul: {}\n", r"model\.\['schedul'\]"),
+        ("model:\n  schedule:\n    ca_layers: [1, 99]\n", "schedule.ca_layers"),
+        ("trainer: {}\n", "no 'model:' section"),
+        ("model:\n  backbone:\n    pretrained: /nonexistent/llava\n", "config.json"),
+    ],
+)
+def test_config_errors_name_file_and_key(tmp_path, yaml_text, match, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml_text)
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        load_model_section(cfg)
+    assert main(["flops", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "error" in err
+
+
+def test_missing_config_file(capsys):
+    assert main(["flops", "--config", "no/such.yaml"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_pretrained_directory_supplies_the_shapes(tiny_checkpoint, tmp_path, spec):
+    cfg = tmp_path / "ckpt.yaml"
+    cfg.write_text(f"model:\n  backbone:\n    pretrained: {tiny_checkpoint}\n  schedule:\n    num_ca: 2\n")
+    section = load_model_section(cfg)
+    assert section.backbone.text == spec.text and section.backbone.pretrained == str(tiny_checkpoint)
+
+
+def test_help_is_fast_and_imports_no_torch():
+    code = "import sys; from visor_lightning.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    res = subprocess.run([sys.executable, "-m", "visor_lightning", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "flops" in res.stdout and "demo" in res.stdout
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path, capsys):
+    result_file = tmp_path / "result.json"
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--images", "4", "--repeats", "2", "--json", str(result_file)]) == 0
+    result = json.loads(result_file.read_text())
+    rows = result["rows"]
+    assert rows[0]["config"] == "dense" and len(rows) == 5
+    assert all(r["cache_equal"] for r in rows)
+    assert all(abs(r["measured"] - r["analytic"]) <= 0.02 * r["measured"] for r in rows)
+    assert all(r["flops_saving"] > 1 for r in rows[1:]) and result["policy_mixed_equal"]
+    assert "demo OK" in capsys.readouterr().out
