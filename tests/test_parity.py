@@ -92,3 +92,18 @@ def test_loading_refuses_incomplete_checkpoint(tiny_checkpoint, tmp_path):
         VisorModel.from_llava_onevision(bad)
     with pytest.raises(FileNotFoundError, match="config.json"):
         VisorModel.from_llava_onevision(tmp_path / "nowhere")
+
+
+def test_llava_ov_05b_shapes_build_without_weights():
+    """The real 0.5B shapes build on the meta device: host size as published (~894M), VISOR's additions listed."""
+    from visor_lightning.models import BackboneSpec
+
+    with torch.device("meta"):
+        model = VisorModel(BackboneSpec(), ScheduleConfig())
+    new = model.new_parameters()
+    host = sum(p.numel() for n, p in model.named_parameters() if n not in new)
+    ca = sum(p.numel() for n, p in model.named_parameters() if n.startswith("lm.ca_blocks."))
+    assert 890e6 < host < 898e6
+    assert len(model.lm.ca_blocks) == 8
+    # q/o: 896x896, k/v: 896x128 (GQA), plus norms and the gate, per CA block
+    assert ca == 8 * (2 * 896 * 896 + 2 * 896 * 128 + 2 * 896 + 2 * 64 + 1)

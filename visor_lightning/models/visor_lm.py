@@ -116,7 +116,9 @@ class VisorLanguageModel(nn.Module):
             raise ValueError(f"schedule has {schedule.num_layers} layers, the host LLM has {cfg.num_hidden_layers}")
         if getattr(cfg, "use_sliding_window", False):
             raise ValueError("host LLM uses sliding-window attention, which VISOR's masks do not implement")
-        cfg._attn_implementation = "sdpa" if cfg._attn_implementation in (None, "eager", "sdpa") else cfg._attn_implementation
+        # VISOR passes explicit boolean masks (per-stream causal + padding), which only SDPA takes as they are:
+        # eager would add a bool mask, flash-attention-2 takes none. SDPA picks flash/efficient kernels on GPU.
+        cfg._attn_implementation = "sdpa"
         self.config = cfg
         self.schedule = schedule
         self.embed_tokens = host.embed_tokens
