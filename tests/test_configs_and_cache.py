@@ -128,3 +128,20 @@ def test_gradients_reach_new_weights(visor_model):
     for name, p in visor_model.named_parameters():
         if name.startswith(("lm.ca_blocks.", "connector.cpe.")):
             assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_text_before_the_image_does_not_see_it(visor_model):
+    """Causal like the host: CA and SA layers let a text token read only visual tokens that precede it."""
+    pixels, image_sizes, ids, mask, _ = _batch(visor_model)
+    other = torch.randn_like(pixels)
+    cfg = torch.tensor([1, 0, 1, 0])
+    with torch.no_grad():
+        a = visor_model(ids, pixels, image_sizes, mask, config_ids=cfg)
+        b = visor_model(ids, other, image_sizes, mask, config_ids=cfg)
+    st = a.lm.streams
+    first_visual = st.vis_idx[:, :1]
+    before = st.text_valid & (st.text_idx < first_visual)
+    after = st.text_valid & (st.text_idx > first_visual)
+    assert before.sum() >= 4 and after.sum() >= 4
+    torch.testing.assert_close(a.logits[before], b.logits[before], atol=1e-6, rtol=1e-6)
+    assert (a.logits[after] - b.logits[after]).abs().amax(-1).min() > 1e-4
