@@ -145,3 +145,14 @@ def test_text_before_the_image_does_not_see_it(visor_model):
     assert before.sum() >= 4 and after.sum() >= 4
     torch.testing.assert_close(a.logits[before], b.logits[before], atol=1e-6, rtol=1e-6)
     assert (a.logits[after] - b.logits[after]).abs().amax(-1).min() > 1e-4
+
+
+def test_text_only_batch_runs_and_caches(visor_model):
+    """No image at all: CA blocks see no visual token and add nothing; cached generation still matches."""
+    ids = torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = visor_model(ids, use_policy=True)
+    assert torch.isfinite(out.logits).all()
+    a, _ = visor_model.generate(ids, max_new_tokens=4)
+    b, _ = visor_model.generate(ids, max_new_tokens=4, use_cache=False)
+    assert torch.equal(a, b)
