@@ -73,6 +73,9 @@ def test_bad_images_and_text(visor_model):
         visor_model(ids)
     with pytest.raises(ValueError, match="config_ids"):
         visor_model(ids, pixels, image_sizes, config_ids=torch.tensor([9]))
+    right_padded = torch.cat([ids, torch.zeros_like(ids[:, :2])], 1)
+    with pytest.raises(ValueError, match="left-padded"):
+        visor_model.generate(right_padded, pixels, image_sizes, torch.cat([mask, torch.zeros_like(mask[:, :2])], 1))
     with pytest.raises(ValueError, match="max_new_tokens"):
         visor_model.generate(ids, pixels, image_sizes, max_new_tokens=0)
 

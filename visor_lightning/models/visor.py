@@ -247,6 +247,8 @@ class VisorModel(nn.Module):
         b = input_ids.shape[0]
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("attention_mask: generation needs left-padded prompts (every row's last token real)")
         cache = VisorCache(self.schedule.num_layers) if use_cache else None
         out = self(input_ids, pixel_values, image_sizes, attention_mask, config_ids=config_ids,
                    use_policy=use_policy, cache=cache, last_only=True)

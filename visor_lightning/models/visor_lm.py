@@ -225,14 +225,10 @@ class VisorLanguageModel(nn.Module):
         x = self.embed_tokens(input_ids[:, None])
         cos, sin = self.rotary_emb(x, cache.next_pos[:, None])
         for l, layer in enumerate(self.layers):
-            if l in self.ca_blocks_idx:
+            if str(l) in self.ca_blocks:
                 k, v = cache.ca_kv[l]
                 x = self.ca_blocks[str(l)](x, k, v, cache.visual_valid[:, None, :])
             mask = cache.decode_mask(l)
             x = layer(x, attention_mask=mask, position_embeddings=(cos, sin), past_key_values=cache)
         cache.next_pos = cache.next_pos + 1
         return self.lm_head(self.norm(x[:, -1]))
-
-    @property
-    def ca_blocks_idx(self) -> set[int]:
-        return set(self.schedule.ca_layers)
