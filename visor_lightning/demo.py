@@ -125,7 +125,7 @@ def run_demo(out: str = "runs/demo", seed: int = 0, images: int = 8, repeats: in
                     m.lm(emb[i : i + 1, keep], is_vis[i : i + 1, keep], config_ids=None if c is None else c[i : i + 1], last_only=True)
                 per_row += fc.get_total_flops()
             seconds = _median_seconds(lambda: m.lm(emb, is_vis, mask, config_ids=c, last_only=True), repeats)
-        cache = VisorCache(sch.num_layers if m is model else dense.schedule.num_layers)
+        cache = VisorCache(m.schedule.num_layers)
         with torch.no_grad():
             m(ids, pixels, image_sizes, mask, config_ids=c, cache=cache, last_only=True)
         a, _ = m.generate(ids, pixels, image_sizes, mask, max_new_tokens=8, config_ids=c, use_cache=True)
