@@ -112,7 +112,7 @@ def run_demo(out: str = "runs/demo", seed: int = 0, images: int = 8, repeats: in
     text_per_row = (ids != model.image_token_id).logical_and(mask.bool()).sum(1).tolist()
 
     def analytic(f: FlopsModel, active) -> int:
-        return sum(f.prefill(active, nt, nv) - (f.policy() if active is not None else 0) for nt, nv in zip(text_per_row, n_vis))
+        return sum(f.prefill(active, nt, nv, routed=False) for nt, nv in zip(text_per_row, n_vis))
 
     def measure(m: VisorModel, cid) -> tuple[int, float, bool, int]:
         c = None if cid is None else torch.full((len(pick),), cid)

@@ -106,14 +106,17 @@ class FlopsModel:
         p = self.spec.vision.tokens_per_crop
         return 2 * crops * p * (self.spec.vision.hidden_size * self.d + self.d * self.d) + 2 * nv * self.d * 7
 
-    def prefill(self, active: Sequence[int] | None, nt: int, nv: int) -> int:
-        """LLM prefill FLOPs (LM head on the last token included). ``active=None`` means the dense host model."""
+    def prefill(self, active: Sequence[int] | None, nt: int, nv: int, routed: bool = True) -> int:
+        """LLM prefill FLOPs (LM head on the last token included). ``active=None`` means the dense host model.
+
+        ``routed=False`` leaves out the policy MLP, for a configuration forced by the caller.
+        """
         head = self.lm_head(1)
         if active is None:
             return self.L * self.layer(nt + nv) + head
         act = set(active)
         body = sum(self.layer(nt + nv) if l in act else self.layer(nt) for l in range(self.L))
-        return body + len(self.schedule.ca_layers) * self.ca(nt, nv) + self.policy() + head
+        return body + len(self.schedule.ca_layers) * self.ca(nt, nv) + (self.policy() if routed else 0) + head
 
     def decode(self, active: Sequence[int] | None, nt: int, nv: int, steps: int) -> float:
         """Mean FLOPs per generated token over ``steps`` decode steps after the prefill."""
