@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from visor_lightning.models import LayerSchedule, ScheduleConfig, VisorModel, tiny_backbone
+from visor_lightning.models import LayerSchedule, ScheduleConfig, VisorModel, left_pad, tiny_backbone
 
 torch.set_num_threads(2)
 
@@ -56,9 +56,7 @@ def prompt_batch(model: VisorModel, n_vis: list[int], before: list[int], after: 
         torch.cat([torch.randint(0, img, (a,), generator=g), torch.full((v,), img), torch.randint(0, img, (b,), generator=g)])
         for v, a, b in zip(n_vis, before, after)
     ]
-    n = max(len(r) for r in rows)
-    ids = torch.stack([torch.cat([torch.zeros(n - len(r), dtype=torch.long), r]) for r in rows])
-    mask = torch.stack([torch.cat([torch.zeros(n - len(r), dtype=torch.long), torch.ones(len(r), dtype=torch.long)]) for r in rows])
+    ids, mask = left_pad(rows)
     return ids, mask, rows
 
 

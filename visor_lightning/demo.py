@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .models.visor import left_pad
+
 
 def _median_seconds(fn, repeats: int) -> float:
     fn()  # warm-up
@@ -37,10 +39,7 @@ def _prompts(questions: list[str], n_vis: list[int], image_token: int) -> tuple[
         before = list(b"user: ")
         after = list(f"\n{q}\nassistant:".encode("ascii", "replace"))
         rows.append(torch.tensor(before + [image_token] * nv + [min(b, image_token - 1) for b in after]))
-    n = max(len(r) for r in rows)
-    ids = torch.stack([torch.cat([torch.zeros(n - len(r), dtype=torch.long), r]) for r in rows])
-    mask = torch.stack([torch.cat([torch.zeros(n - len(r), dtype=torch.long), torch.ones(len(r), dtype=torch.long)]) for r in rows])
-    return ids, mask
+    return left_pad(rows)
 
 
 def run_demo(out: str = "runs/demo", seed: int = 0, images: int = 8, repeats: int = 7, json_path: str | None = None) -> dict:

@@ -36,6 +36,14 @@ _ORIGINAL_PREFIXES = (
 _NEW_PREFIXES = ("lm.ca_blocks.", "connector.cpe.", "policy.")
 
 
+def left_pad(rows: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows -> left-padded (input_ids [B, N], attention_mask [B, N]), the layout generate() needs."""
+    n = max(len(r) for r in rows)
+    ids = torch.stack([torch.cat([r.new_full((n - len(r),), pad_id), r]) for r in rows])
+    mask = torch.stack([torch.cat([torch.zeros(n - len(r), dtype=torch.long), torch.ones(len(r), dtype=torch.long)]) for r in rows])
+    return ids, mask
+
+
 @dataclass
 class LoadReport:
     """What :meth:`VisorModel.from_llava_onevision` did: loaded original tensors, and the new VISOR weights."""
