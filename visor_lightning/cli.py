@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--decode-tokens", type=_positive, default=16, help="generated tokens to average decode over")
     f.add_argument("--kv-bytes", type=_positive, default=2, help="bytes per KV element (2 = bf16)")
 
+    _add_data_parsers(sub)
+    _add_bench_parsers(sub)
+
     d = sub.add_parser(
         "demo",
         help="tiny end-to-end run on CPU: build + load a LLaVA-OV checkpoint, VISOR forward/generate, FLOPs",
@@ -55,6 +58,88 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--repeats", type=_positive, default=7, help="timed repeats per configuration (median kept)")
     d.add_argument("--json", default=None, help="also write the results as JSON to this file")
     return parser
+
+
+def _add_data_parsers(sub) -> None:
+    data = sub.add_parser("data", help="build, check and tokenise WebDataset shards (LLaVA conversation format)")
+    dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    b = dsub.add_parser(
+        "build", help="write {split}-%%06d.tar shards + {split}-manifest.json from a source",
+        description="Bad samples are skipped and counted per reason (listed in the manifest); --strict raises instead.",
+    )
+    b.add_argument("--source", required=True, choices=["llava-json", "easy-vqa", "synthetic"])
+    b.add_argument("--out", required=True, help="output directory (shards and manifest)")
+    b.add_argument("--split", default="train", help="split name: shard files are {split}-000000.tar, ... (default train)")
+    b.add_argument("--json", dest="json_file", help="llava-json: the records (.json list or .jsonl)")
+    b.add_argument("--images", help="llava-json: directory the records' 'image' paths are relative to")
+    b.add_argument("--max-samples", type=_positive, default=None, help="stop after writing this many (synthetic: how many to make, default 1000)")
+    b.add_argument("--shard-size", type=_positive, default=1000, help="samples per shard (default 1000)")
+    b.add_argument("--workers", type=int, default=0, help="builder processes (default 0: in this process)")
+    b.add_argument("--seed", type=int, default=0, help="synthetic: generator seed")
+    b.add_argument("--image-size", type=_positive, default=512, help="synthetic: canvas side in pixels (default 512)")
+    b.add_argument("--tasks", default="read,count,chart", help="synthetic: comma-separated tasks (default read,count,chart)")
+    b.add_argument("--max-pixels", type=_positive, default=64_000_000, help="skip images with more pixels (default 64M)")
+    b.add_argument("--strict", action="store_true", help="raise on the first bad sample instead of skipping it")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing split in --out")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t = dsub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on shards (for from-scratch tiny models)")
+    t.add_argument("--shards", nargs="+", required=True, help="shard globs/patterns/manifests to read text from")
+    t.add_argument("--out", required=True, help="directory for the tokenizer files")
+    t.add_argument("--vocab-size", type=_positive, default=512)
+    v = dsub.add_parser("verify", help="re-read a split: sha256 per shard and read == written")
+    v.add_argument("--dir", required=True, help="directory holding the shards and {split}-manifest.json")
+    v.add_argument("--split", default="train")
+    v.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _add_bench_parsers(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks; ratios are measured within one run")
+    bsub = bench.add_subparsers(dest="bench_command", metavar="BENCH_COMMAND", required=True)
+    b = bsub.add_parser("data", help="loader samples/s (decode + collate) at several worker counts vs the training step rate")
+    b.add_argument("--shards", nargs="+", required=True, help="shard globs/patterns/manifests")
+    b.add_argument("--tokenizer", required=True, help="tokenizer directory (visor data tokenizer)")
+    b.add_argument("--config", default="experiments/debug/tiny.yaml", help="experiment YAML whose model is trained")
+    b.add_argument("--batch-size", type=_positive, default=8)
+    b.add_argument("--batches", type=_positive, default=24, help="batches timed per measurement")
+    b.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts")
+    b.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    if args.data_command == "build":
+        from .data.build import run_build
+
+        return run_build(args)
+    if args.data_command == "tokenizer":
+        from .data.datamodule import resolve_shards
+        from .data.tokenizer import conversation_texts, train_tokenizer
+
+        urls = resolve_shards(args.shards, field="--shards")
+        tok = train_tokenizer(conversation_texts(urls), args.out, args.vocab_size)
+        print(f"tokenizer: {len(tok)} tokens (<image> = {tok.convert_tokens_to_ids('<image>')}) from {len(urls)} shard(s) -> {args.out}")
+        return 0
+    from .data.shards import verify_split
+
+    res = verify_split(args.dir, args.split)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print("| shard | expected | read | sha256 |\n|---|---|---|---|")
+        for r in res["shards"]:
+            print(f"| {r['name']} | {r['expected']} | {r['read']} | {'ok' if r['sha256_ok'] else 'MISMATCH'} |")
+        print(f"{args.split}: read {res['read']} of {res['written']} written; skipped on read: {res['skipped_on_read'] or 'none'}"
+              f" -> {'OK' if res['ok'] else 'FAILED'}")
+    return 0 if res["ok"] else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench_data import run_bench_data
+
+    workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    res = run_bench_data(args.shards, args.tokenizer, args.config, args.batch_size, args.batches, workers)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    return 0
 
 
 def cmd_flops(args: argparse.Namespace) -> int:
@@ -93,13 +178,13 @@ def main(argv: list[str] | None = None) -> int:
 
         print(__version__)
         return 0
-    handlers = {"flops": cmd_flops, "demo": cmd_demo}
+    handlers = {"flops": cmd_flops, "demo": cmd_demo, "data": cmd_data, "bench": cmd_bench}
     if args.command not in handlers:
         parser.print_help()
         return 2
     try:
         return handlers[args.command](args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"visor {args.command}: error: {e}", file=sys.stderr)
         return 2
 

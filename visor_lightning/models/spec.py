@@ -7,6 +7,7 @@ read back from a checkpoint's ``config.json``; ``pretrained`` points at a local 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,33 @@ class BackboneSpec:
             return [list(p) for p in self.image_grid_pinpoints]
         s = self.vision.image_size
         return [[s * i, s * j] for i in range(1, 7) for j in range(1, 7)]
+
+    def visual_tokens(self, height: int, width: int) -> int:
+        """Visual tokens LLaVA-OV's AnyRes packing makes for one image of this original (height, width).
+
+        Base crop (g*g) + the tile grid unpadded to the image's aspect ratio, shrunk when above ``anyres_max_N``
+        tiles, with one newline token per row. The collator expands ``<image>`` to this many tokens; a test
+        checks it against the connector's actual output.
+        """
+        from transformers.image_processing_utils import select_best_resolution
+
+        if height < 1 or width < 1:
+            raise ValueError(f"image size must be positive, got {height}x{width}")
+        s = self.vision.image_size
+        g = s // self.vision.patch_size
+        best_h, best_w = select_best_resolution((height, width), self.pinpoints())
+        rows, cols = (best_h // s) * g, (best_w // s) * g
+        if width / height > cols / rows:
+            new_h = int(round(height * (cols / width), 7))
+            rows -= 2 * ((rows - new_h) // 2)
+        else:
+            new_w = int(round(width * (rows / height), 7))
+            cols -= 2 * ((cols - new_w) // 2)
+        max_tiles = int(self.vision_aspect_ratio.removeprefix("anyres_max_"))
+        ratio = math.sqrt(rows * cols / (max_tiles * g * g))
+        if ratio > 1.1:
+            rows, cols = int(rows // ratio), int(cols // ratio)
+        return g * g + rows * (cols + 1)
 
     def to_hf_config(self) -> Any:
         from transformers import LlavaOnevisionConfig
@@ -171,8 +199,10 @@ class BackboneSpec:
         return json.dumps(self.to_dict(), indent=2)
 
 
-def tiny_backbone(vocab_size: int = 256, num_layers: int = 6) -> BackboneSpec:
-    """A few-hundred-k-parameter LLaVA-OV-shaped backbone for tests and the CPU demo (GQA kept)."""
+def tiny_backbone(vocab_size: int = 256, num_layers: int = 6, image_token_id: int | None = None) -> BackboneSpec:
+    """A few-hundred-k-parameter LLaVA-OV-shaped backbone for tests and the CPU demo (GQA kept).
+
+    ``image_token_id`` defaults to the last id; pass a trained tokenizer's ``<image>`` id to match it."""
     return BackboneSpec(
         text=TextSpec(
             hidden_size=64, num_layers=num_layers, num_heads=4, num_kv_heads=2, intermediate_size=128,
@@ -180,5 +210,5 @@ def tiny_backbone(vocab_size: int = 256, num_layers: int = 6) -> BackboneSpec:
         ),
         vision=VisionSpec(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, image_size=32, patch_size=8),
         image_grid_pinpoints=[[32, 32], [32, 64], [64, 32], [64, 64]],
-        image_token_id=vocab_size - 1,
+        image_token_id=vocab_size - 1 if image_token_id is None else image_token_id,
     )

@@ -1,0 +1,39 @@
+"""``visor data build``: pick the source, build the split, say what happened."""
+
+from __future__ import annotations
+
+import argparse
+
+from .report import log_counts_to_mlflow, manifest_counts, summary_line
+from .shards import build_shards, manifest_path
+from .sources import easy_vqa_items, llava_json_items, synthetic_items
+from .synthetic import SyntheticConfig
+
+
+def run_build(args: argparse.Namespace) -> int:
+    builder_args = {k: v for k, v in vars(args).items() if k not in ("command", "data_command", "no_progress")}
+    if args.source == "llava-json":
+        if not args.json_file or not args.images:
+            raise ValueError("--source llava-json needs --json FILE and --images DIR")
+        total, items = llava_json_items(args.json_file, args.images)
+    elif args.source == "easy-vqa":
+        total, items = easy_vqa_items(args.split)
+    else:
+        cfg = SyntheticConfig(image_size=args.image_size, tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()))
+        total, items = synthetic_items(args.split, args.seed, args.max_samples or 1000, cfg)
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    manifest = build_shards(
+        items, args.out, args.split, total=total, shard_size=args.shard_size, workers=args.workers,
+        max_samples=args.max_samples, strict=args.strict, max_pixels=args.max_pixels, overwrite=args.overwrite,
+        progress=not args.no_progress, builder_args=builder_args,
+    )
+    print(summary_line(manifest))
+    for ex in manifest["skipped_examples"][:5]:
+        print(f"  skipped {ex['where']}: {ex['reason']}: {ex['detail']}")
+    print(f"manifest: {manifest_path(args.out, args.split)}")
+    if log_counts_to_mlflow(f"data/{args.split}", manifest_counts(manifest)):
+        print("counts logged to the active MLflow run")
+    return 0
+
+

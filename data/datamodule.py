@@ -1,0 +1,171 @@
+"""The streaming LightningDataModule: WebDataset shards in, batches for ``VisorModel`` out.
+
+Training: resampled shards, a fixed number of full batches per epoch on every rank (``batches_per_epoch``),
+different shuffles per rank and worker. Evaluation: one finite loader per named shard set (benchmark or
+subset), each sample seen exactly once across ranks and workers. Bad samples are skipped and counted per
+reason (``skip_counts()``; the DataStats callback logs them), or raise with shard and key when ``strict``.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+
+from visor_lightning.models.spec import BackboneSpec
+
+from .collate import Encoder, collate, image_processor_for
+from .images import DEFAULT_MAX_PIXELS
+from .schema import SkipStats, merge_counts
+from .streams import Example, ShardStream, StreamLoader
+from .tokenizer import load_tokenizer
+
+
+def resolve_shards(spec: str | list[str], *, field: str = "shards") -> list[str]:
+    """Shard list from a glob (``dir/train-*.tar``), brace notation (``train-{000000..000003}.tar``), a
+    ``{split}-manifest.json`` (its shards, in order), a URL/``pipe:`` spec, or a list of any of these."""
+    import webdataset as wds
+
+    if isinstance(spec, (list, tuple)):
+        return [u for s in spec for u in resolve_shards(s, field=field)]
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"{field}: expected a shard glob, brace pattern, manifest or URL, got {spec!r}")
+    if spec.endswith("-manifest.json"):
+        from .shards import read_manifest
+
+        path = Path(spec)
+        split = path.name.removesuffix("-manifest.json")
+        return [str(path.parent / s["name"]) for s in read_manifest(path.parent, split)["shards"]]
+    if "://" in spec or spec.startswith("pipe:"):
+        return list(wds.shardlists.expand_urls(spec))
+    if any(c in spec for c in "*?["):
+        found = sorted(glob.glob(spec))
+        if not found:
+            raise FileNotFoundError(f"{field}: no shards match {spec!r}")
+        return found
+    urls = list(wds.shardlists.expand_urls(spec))
+    missing = [u for u in urls if not Path(u).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{field}: shard {missing[0]!r} does not exist ({len(missing)} of {len(urls)} missing)")
+    return urls
+
+
+class _EncodeExample:
+    """Picklable ``Example -> Encoded`` for DataLoader workers."""
+
+    def __init__(self, encoder: Encoder) -> None:
+        self.encoder = encoder
+
+    def __call__(self, ex: Example):
+        return self.encoder(ex.conv, ex.image)
+
+
+class VisorDataModule(pl.LightningDataModule):
+    """Streams LLaVA-format image-text shards for a LLaVA-OV-shaped backbone.
+
+    Args:
+        train: training shards (glob, brace pattern, manifest, URL, or a list of these).
+        val: named evaluation shard sets, e.g. ``{easy: data/easy-test-*.tar, hard: ...}``; one loader each.
+        tokenizer: tokenizer directory; defaults to ``backbone.pretrained`` (the checkpoint's own).
+        backbone: the model's shapes (image token id, crop size, pinpoints -> visual tokens per image).
+        image_processor: directory with a ``preprocessor_config.json``; default: the checkpoint's, else built
+            from ``backbone``.
+        batch_size: per-device batch size; training batches are always full.
+        batches_per_epoch: training batches per epoch on every rank (rounded up to a multiple of workers).
+        strict: raise on the first bad sample (naming shard and key) instead of skipping and counting.
+    """
+
+    def __init__(
+        self,
+        train: str | list[str] | None = None,
+        val: dict[str, str | list[str]] | None = None,
+        tokenizer: str | None = None,
+        backbone: BackboneSpec | None = None,
+        image_processor: str | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        batches_per_epoch: int = 100,
+        shuffle_buffer: int = 256,
+        max_length: int = 4096,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        strict: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or batches_per_epoch < 1 or num_workers < 0:
+            raise ValueError("data: batch_size and batches_per_epoch must be >= 1, num_workers >= 0")
+        self.train_spec, self.val_spec = train, dict(val or {})
+        self.backbone = backbone or BackboneSpec()
+        self.tokenizer_path = tokenizer or self.backbone.pretrained
+        if self.tokenizer_path is None:
+            raise ValueError("data.tokenizer is required (or set backbone.pretrained to a checkpoint with one)")
+        self.image_processor_path = image_processor or self.backbone.pretrained
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.batches_per_epoch = num_workers, batches_per_epoch
+        self.shuffle_buffer, self.max_length, self.max_pixels = shuffle_buffer, max_length, max_pixels
+        self.strict, self.seed = strict, seed
+        self.val_names = list(self.val_spec)
+        self.encoder: Encoder | None = None
+        self.train_stats: SkipStats | None = None
+        self.val_stats: dict[str, SkipStats] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        """Per process (after DDP start): tokenizer, image processor, shard lists, and this rank's counters."""
+        if self.encoder is None:
+            tok = load_tokenizer(self.tokenizer_path)
+            proc = image_processor_for(self.backbone, self.image_processor_path)
+            self.encoder = Encoder(tok, self.backbone, proc, self.max_length)
+            self.train_urls = resolve_shards(self.train_spec, field="data.train") if self.train_spec else []
+            self.val_urls = {k: resolve_shards(v, field=f"data.val.{k}") for k, v in self.val_spec.items()}
+            self.train_stats = SkipStats(self.strict)
+            self.val_stats = {k: SkipStats(self.strict) for k in self.val_urls}
+
+    @property
+    def batches_per_worker(self) -> int:
+        return math.ceil(self.batches_per_epoch / max(1, self.num_workers))
+
+    def _stream(self, urls: list[str], train: bool, stats: SkipStats, batch_size: int) -> ShardStream:
+        assert self.encoder is not None, "call setup() first"
+        return ShardStream(
+            urls, train=train, batch_size=batch_size, encode=_EncodeExample(self.encoder),
+            collate=functools.partial(collate, pad_id=self.encoder.pad_id), stats=stats,
+            batches_per_worker=self.batches_per_worker if train else 0, shuffle_buffer=self.shuffle_buffer,
+            seed=self.seed, max_pixels=self.max_pixels,
+        )
+
+    def train_dataloader(self) -> StreamLoader:
+        self.setup("fit")
+        if not self.train_urls:
+            raise ValueError("data.train is not set: no training shards")
+        stream = self._stream(self.train_urls, True, self.train_stats, self.batch_size)
+        trainer = getattr(self, "trainer", None)
+        stream.epoch = trainer.current_epoch if trainer is not None else 0  # a resumed run draws new data
+        return StreamLoader(stream, num_workers=self.num_workers)
+
+    def _eval_loaders(self) -> list[StreamLoader]:
+        self.setup("validate")
+        return [
+            StreamLoader(self._stream(urls, False, self.val_stats[name], self.eval_batch_size), num_workers=self.num_workers)
+            for name, urls in self.val_urls.items()
+        ]
+
+    def val_dataloader(self) -> list[StreamLoader]:
+        return self._eval_loaders()
+
+    def test_dataloader(self) -> list[StreamLoader]:
+        return self._eval_loaders()
+
+    def skip_counts(self) -> dict[str, Any]:
+        """This process's counts: ``{"train": {...}, "val/<name>": {...}, "total": {...}}`` (reason -> n)."""
+        out: dict[str, Any] = {}
+        if self.train_stats is not None:
+            out["train"] = self.train_stats.counts()
+        for k, s in self.val_stats.items():
+            out[f"val/{k}"] = s.counts()
+        out["total"] = merge_counts(*out.values())
+        return out

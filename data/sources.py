@@ -1,0 +1,136 @@
+"""Where builder samples come from: LLaVA-style JSON + an image folder, the offline easy-vqa package, or the
+synthetic generator. Each source yields small picklable *items*; :func:`materialize` (run in builder workers)
+turns one into a validated record and image bytes, or raises :class:`BadSample`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .images import image_bytes, open_image, sniff_ext
+from .schema import BadSample, DataError, parse_record
+from .synthetic import SyntheticConfig, make_sample
+
+SOURCES = ("llava-json", "easy-vqa", "synthetic")
+
+
+@dataclass
+class Item:
+    """One input record: ``kind`` says how to materialize ``payload``; ``where`` names it in errors."""
+
+    kind: str
+    payload: Any
+    where: str
+
+
+@dataclass
+class Materialized:
+    record: dict
+    image: bytes
+    ext: str
+    conversion: str | None
+
+
+def llava_json_items(json_path: str | Path, images: str | Path) -> tuple[int | None, Iterator[Item]]:
+    """Records of a LLaVA-OneVision style ``.json`` list, or a ``.jsonl`` file (one record per line).
+
+    A ``.json`` file that does not parse cannot be read leniently (no record boundaries): it raises a
+    DataError with the line and column. In ``.jsonl`` each bad line is one ``malformed_json`` skip.
+    """
+    path, root = Path(json_path), Path(images)
+    if not path.is_file():
+        raise FileNotFoundError(f"--json {str(path)!r} does not exist")
+    if not root.is_dir():
+        raise FileNotFoundError(f"--images {str(root)!r} is not a directory")
+    if path.suffix == ".jsonl":
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+        return len(numbered), (Item("llava-line", (line, str(root)), f"{path}:{n}") for n, line in numbered)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e}); fix the file or convert it to .jsonl for lenient reading") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records (LLaVA format), got {type(data).__name__}")
+    return len(data), (Item("llava", (rec, str(root)), f"{path}[{i}]") for i, rec in enumerate(data))
+
+
+def easy_vqa_items(split: str) -> tuple[int, Iterator[Item]]:
+    """One sample per easy-vqa question (shape, colour, yes/no). ``train`` reads easy-vqa's train split,
+    anything else its test split."""
+    import easy_vqa
+
+    if split == "train":
+        qs, answers, image_ids = easy_vqa.get_train_questions()
+        paths = easy_vqa.get_train_image_paths()
+    else:
+        qs, answers, image_ids = easy_vqa.get_test_questions()
+        paths = easy_vqa.get_test_image_paths()
+    part = "train" if split == "train" else "test"
+
+    def gen() -> Iterator[Item]:
+        for i, (q, a, img) in enumerate(zip(qs, answers, image_ids)):
+            rec = {
+                "id": f"easyvqa-{part}-{i:06d}",
+                "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}],
+                "source": "easy-vqa",
+                "subset": "easy",
+                "image": paths[img],
+            }
+            yield Item("file", rec, f"easy-vqa {part}[{i}]")
+
+    return len(qs), gen()
+
+
+def synthetic_items(split: str, seed: int, count: int, cfg: SyntheticConfig) -> tuple[int, Iterator[Item]]:
+    return count, (Item("synthetic", (cfg, seed, split, i), f"synthetic {split}[{i}]") for i in range(count))
+
+
+def _from_file(rec: Any, root: str | None, max_pixels: int) -> Materialized:
+    if not isinstance(rec, dict):
+        raise BadSample("malformed_json", f"expected a JSON object, got {type(rec).__name__}")
+    conv = parse_record(rec)
+    image = rec.get("image")
+    if image is None:
+        raise BadSample("no_image", "record has no 'image' (text-only samples are not streamed)")
+    if isinstance(image, list):
+        if len(image) != 1:
+            raise BadSample("multi_image", f"{len(image)} images in one record")
+        image = image[0]
+    if not isinstance(image, str) or not image:
+        raise BadSample("missing_image", f"'image' must be a file name, got {image!r:.60}")
+    path = Path(image) if root is None else Path(root) / image
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise BadSample("missing_image", f"{path}: {e.strerror or e}") from None
+    img, conversion = open_image(data, max_pixels)
+    ext = sniff_ext(data)
+    if conversion is not None or not ext:
+        data, ext = image_bytes(img, "png"), "png"
+    return Materialized(conv.to_json(), data, ext, conversion)
+
+
+def materialize(item: Item, max_pixels: int) -> Materialized:
+    """Turn an item into a record + image bytes. Runs in builder worker processes."""
+    if item.kind == "synthetic":
+        cfg, seed, split, i = item.payload
+        rec, img = make_sample(cfg, seed, split, i)
+        return Materialized(parse_record(rec).to_json(), image_bytes(img, "png"), "png", None)
+    if item.kind == "file":
+        return _from_file(item.payload, None, max_pixels)
+    if item.kind == "llava":
+        rec, root = item.payload
+        return _from_file(rec, root, max_pixels)
+    if item.kind == "llava-line":
+        line, root = item.payload
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BadSample("malformed_json", str(e)) from None
+        return _from_file(rec, root, max_pixels)
+    raise ValueError(f"unknown item kind {item.kind!r}")

@@ -1,0 +1,194 @@
+"""Streaming shards: tar members -> validated samples -> encoded samples -> batches.
+
+Training streams are infinite (WebDataset's ``ResampledShards``, a per-rank/worker seed) cut by ``with_epoch``
+into a fixed number of full batches per worker, so every rank runs the same number of steps and DDP never
+waits on a rank that ran dry. Evaluation streams are finite: ``split_by_node`` then ``split_by_worker`` over the
+shard list, so each sample is read exactly once across all ranks and workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import tarfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from .images import DEFAULT_MAX_PIXELS, open_image
+from .schema import IMAGE_EXTS, BadSample, Conversation, SkipStats, parse_json_bytes, parse_record
+
+
+@dataclass
+class Example:
+    key: str
+    url: str
+    conv: Conversation
+    image: Any  # PIL.Image in RGB
+
+
+def tar_members(url: str) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of the regular files of a tar shard, streamed (local path, ``pipe:`` or URL)."""
+    import webdataset as wds
+
+    with wds.gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            if info.isreg():
+                yield info.name, tar.extractfile(info).read()
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """``dir/key.ext.more`` -> (``dir/key``, ``ext.more``) as WebDataset does (first dot of the basename)."""
+    head, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext.lower()
+
+
+def raw_samples(url: str, stats: SkipStats) -> Iterator[dict[str, Any]]:
+    """Group consecutive members by key. A shard that cannot be opened, or ends mid-member, is counted once
+    (``unreadable_shard`` / ``truncated_shard``); samples already complete before the damage are kept."""
+    current: dict[str, Any] | None = None
+    members = 0
+    try:
+        for name, data in tar_members(url):
+            members += 1
+            key, ext = _split_name(name)
+            if current is not None and key != current["__key__"]:
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": key, "__url__": url}
+            current[ext] = data
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        reason = "truncated_shard" if members else "unreadable_shard"
+        stats.skip(BadSample(reason, f"{type(e).__name__}: {e}"), url, current["__key__"] if current else None)
+        if current is not None and "json" in current and any(x in current for x in IMAGE_EXTS):
+            yield current  # its members were read completely before the damage
+        return
+    if current is not None:
+        yield current
+
+
+def decode_sample(raw: dict[str, Any], stats: SkipStats, max_pixels: int = DEFAULT_MAX_PIXELS) -> Example | None:
+    """Validated sample, or None after counting (lenient) / raising DataError (strict) with shard and key."""
+    key, url = raw["__key__"], raw["__url__"]
+    try:
+        if "json" not in raw:
+            raise BadSample("malformed_json", "no .json member for this key")
+        conv = parse_record(parse_json_bytes(raw["json"]))
+        ext = next((x for x in IMAGE_EXTS if x in raw), None)
+        if ext is None:
+            raise BadSample("missing_image", f"no image member ({'/'.join(IMAGE_EXTS)}) for this key")
+        image, conversion = open_image(raw[ext], max_pixels)
+    except BadSample as bad:
+        stats.skip(bad, url, key)
+        return None
+    if conversion:
+        stats.add(conversion)
+    return Example(key, url, conv, image)
+
+
+def read_samples(urls: Iterable[str | dict], stats: SkipStats, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Example]:
+    """Every valid sample of the shards in order (``urls`` may be WebDataset's ``{"url": ...}`` dicts)."""
+    for u in urls:
+        url = u["url"] if isinstance(u, dict) else u
+        for raw in raw_samples(url, stats):
+            ex = decode_sample(raw, stats, max_pixels)
+            if ex is not None:
+                stats.add("read")
+                yield ex
+
+
+def _seed(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "big")
+
+
+class ShardStream(IterableDataset):
+    """Batches of encoded samples from WebDataset shards; see the module docstring for train vs eval.
+
+    ``encode`` turns an :class:`Example` into a model sample (raising BadSample to skip it); ``collate`` turns a
+    list of those into a batch. ``epoch`` is set by :class:`StreamLoader` before workers start, so every epoch
+    (and a resumed run) draws a different, reproducible stream.
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        train: bool,
+        batch_size: int,
+        encode: Callable[[Example], Any],
+        collate: Callable[[list[Any]], Any],
+        stats: SkipStats,
+        batches_per_worker: int = 0,
+        shuffle_buffer: int = 256,
+        seed: int = 0,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        super().__init__()
+        if not urls:
+            raise ValueError("no shards given")
+        if train and batches_per_worker < 1:
+            raise ValueError("a training stream needs batches_per_worker >= 1 (its epoch length)")
+        self.urls, self.train, self.batch_size = list(urls), train, batch_size
+        self.encode, self.collate, self.stats = encode, collate, stats
+        self.batches_per_worker, self.shuffle_buffer = batches_per_worker, shuffle_buffer
+        self.seed, self.max_pixels = seed, max_pixels
+        self.epoch = 0
+        self.num_workers = 0  # set by StreamLoader; gives the epoch length
+
+    def __len__(self) -> int:
+        if not self.train:
+            raise TypeError("an evaluation stream has no length known before reading (shards split by rank/worker)")
+        return self.batches_per_worker * max(1, self.num_workers)
+
+    def _encoded(self, examples: Iterable[Example]) -> Iterator[Any]:
+        for ex in examples:
+            try:
+                yield self.encode(ex)
+            except BadSample as bad:
+                self.stats.skip(bad, ex.url, ex.key)
+
+    def pipeline(self):
+        import webdataset as wds
+
+        rank, world, worker, _ = wds.utils.pytorch_worker_info()
+        if self.train:
+            seed = _seed(self.seed, self.epoch, rank, worker)
+            shards = wds.ResampledShards(self.urls, worker_seed=lambda: 0, seed=seed, deterministic=True)
+            stages = [
+                shards,
+                lambda src: read_samples(src, self.stats, self.max_pixels),
+                wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 64), rng=random.Random(seed)),
+                self._encoded,
+                wds.batched(self.batch_size, collation_fn=self.collate, partial=False),
+            ]
+            return wds.DataPipeline(*stages).with_epoch(self.batches_per_worker)
+        stages = [
+            wds.SimpleShardList(self.urls),
+            wds.split_by_node,
+            wds.split_by_worker,
+            lambda src: read_samples(src, self.stats, self.max_pixels),
+            self._encoded,
+            wds.batched(self.batch_size, collation_fn=self.collate, partial=True),
+        ]
+        return wds.DataPipeline(*stages)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.pipeline())
+
+
+class StreamLoader(DataLoader):
+    """DataLoader over a :class:`ShardStream` (batching happens in the stream, so ``batch_size=None``)."""
+
+    def __init__(self, stream: ShardStream, num_workers: int = 0, **kwargs: Any) -> None:
+        stream.num_workers = num_workers
+        super().__init__(stream, batch_size=None, num_workers=num_workers, persistent_workers=False, **kwargs)
+
+    def __iter__(self):
+        it = super().__iter__()  # workers receive the dataset as it is now
+        self.dataset.epoch += 1
+        return it
