@@ -84,3 +84,29 @@ def visor_model(spec):
 def dense_pair(spec):
     host = make_host(spec)
     return host, VisorModel(spec, LayerSchedule.dense(spec.text.num_layers), host=host).eval()
+
+
+# ---- data: real shards built once per session -------------------------------------------------------------
+class DemoShards:
+    """easy-vqa (6 shards x 10) and synthetic (3 x 20) training shards plus a tokenizer trained on them."""
+
+    def __init__(self, root) -> None:
+        from visor_lightning.data.shards import build_shards, split_urls
+        from visor_lightning.data.sources import easy_vqa_items, synthetic_items
+        from visor_lightning.data.synthetic import SyntheticConfig
+        from visor_lightning.data.tokenizer import backbone_for_tokenizer, conversation_texts, train_tokenizer
+
+        self.root = root
+        total, items = easy_vqa_items("train")
+        self.easy = build_shards(items, root, "easy", total=total, shard_size=10, max_samples=60, progress=False)
+        total, items = synthetic_items("train", 0, 60, SyntheticConfig(image_size=96))
+        self.hard = build_shards(items, root, "hard", total=total, shard_size=20, progress=False)
+        self.easy_urls, self.hard_urls = split_urls(root, "easy"), split_urls(root, "hard")
+        self.tokenizer_dir = str(root / "tokenizer")
+        self.tokenizer = train_tokenizer(conversation_texts(self.easy_urls + self.hard_urls), self.tokenizer_dir, 400)
+        self.spec = backbone_for_tokenizer(tiny_backbone(), self.tokenizer)
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> DemoShards:
+    return DemoShards(tmp_path_factory.mktemp("shards"))
