@@ -1,0 +1,149 @@
+"""Collation against the model, and streaming: fixed-length training epochs, exact evaluation, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from visor_lightning.data.collate import IGNORE_INDEX, Encoder, collate, image_processor_for
+from visor_lightning.data.datamodule import VisorDataModule, resolve_shards
+from visor_lightning.data.schema import BadSample, SkipStats, parse_record
+from visor_lightning.data.streams import read_samples
+from visor_lightning.models import BackboneSpec, LayerSchedule, VisionSpec, VisorModel, tiny_backbone
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("pinpoints", ["tiny", "llava_ov"])
+def test_visual_token_count_matches_the_connector(pinpoints):
+    """spec.visual_tokens(h, w) (what the collator expands <image> to) equals the model's actual output,
+    including LLaVA-OV's 6x6 pinpoints where anyres_max_9 shrinks the tile grid."""
+    from PIL import Image
+
+    spec = tiny_backbone()
+    if pinpoints == "llava_ov":
+        spec = BackboneSpec(text=spec.text, vision=VisionSpec(**{**spec.vision.__dict__, "image_size": 16, "patch_size": 8}),
+                            image_token_id=spec.image_token_id)
+    model = VisorModel(spec, LayerSchedule.dense(spec.text.num_layers), host=None).eval()
+    proc = image_processor_for(spec)
+    s = spec.vision.image_size
+    sizes = [(s, s), (s, 2 * s), (3 * s, s), (5, 300), (300, 5), (97, 61), (6 * s, 6 * s), (6 * s, 2 * s), (1000, 777)]
+    for h, w in sizes:
+        enc = proc([Image.new("RGB", (w, h))], return_tensors="pt")
+        with torch.no_grad():
+            n = model.encode_images(enc["pixel_values"], enc["image_sizes"])[0].shape[0]
+        assert n == spec.visual_tokens(h, w), (h, w)
+
+
+def _encoder(shards, **kw):
+    return Encoder(shards.tokenizer, shards.spec, image_processor_for(shards.spec), **kw)
+
+
+def test_labels_cover_the_answers_only(shards):
+    from PIL import Image
+
+    enc = _encoder(shards)
+    conv = parse_record({"id": "m", "conversations": [
+        {"from": "human", "value": "<image>\nwhat shape is it?"}, {"from": "gpt", "value": "circle"},
+        {"from": "human", "value": "what colour?"}, {"from": "gpt", "value": "red"}]})
+    e = enc(conv, Image.new("RGB", (64, 40)))
+    tok = shards.tokenizer
+    answer_text = tok.decode(e.input_ids[e.labels != IGNORE_INDEX])
+    assert answer_text == "circle<|im_end|>\nred<|im_end|>\n"
+    assert int((e.input_ids == shards.spec.image_token_id).sum()) == shards.spec.visual_tokens(40, 64)
+    assert (e.labels[e.input_ids == shards.spec.image_token_id] == IGNORE_INDEX).all()
+    prompt = tok.decode([t for t in e.prompt_ids.tolist() if t != shards.spec.image_token_id])
+    assert prompt.endswith("what colour?<|im_end|>\n<|im_start|>assistant\n") and "red" not in prompt
+    assert e.meta["answer"] == "red" and e.pixel_values.shape[1:] == (3, 32, 32)
+
+
+def test_collated_batch_runs_through_the_model(shards):
+    stats = SkipStats()
+    examples = list(read_samples(shards.easy_urls[:1] + shards.hard_urls[:1], stats))[:6]
+    enc = _encoder(shards)
+    batch = collate([enc(ex.conv, ex.image) for ex in examples], pad_id=shards.tokenizer.pad_token_id)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert (batch["prompt_mask"][:, -1] == 1).all()  # left-padded prompts for generate()
+    model = VisorModel(shards.spec, LayerSchedule.build(shards.spec.text.num_layers), host=None)
+    out = model(batch["input_ids"], batch["pixel_values"], batch["image_sizes"], batch["attention_mask"], labels=batch["labels"])
+    assert torch.isfinite(out.loss)
+    tokens, _ = model.generate(batch["prompt_ids"], batch["pixel_values"], batch["image_sizes"], batch["prompt_mask"], max_new_tokens=2)
+    assert tokens.shape == (6, 2)
+
+
+def test_mismatched_tokenizer_and_too_long(shards):
+    with pytest.raises(ValueError, match="<image> id 3 != backbone.image_token_id 511"):
+        Encoder(shards.tokenizer, tiny_backbone(vocab_size=512))
+    from PIL import Image
+
+    enc = _encoder(shards, max_length=20)
+    conv = parse_record({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]})
+    with pytest.raises(BadSample, match="too_long"):
+        enc(conv, Image.new("RGB", (64, 64)))
+
+
+def test_resolve_shards_forms(shards):
+    root = shards.root
+    by_glob = resolve_shards(str(root / "easy-*.tar"))
+    assert by_glob == shards.easy_urls == resolve_shards(str(root / "easy-manifest.json"))
+    assert resolve_shards(str(root / "easy-{000000..000005}.tar")) == by_glob
+    with pytest.raises(FileNotFoundError, match="data.train: no shards match"):
+        resolve_shards(str(root / "nope-*.tar"), field="data.train")
+    with pytest.raises(FileNotFoundError, match=r"easy-000006.tar. does not exist \(4 of 10 missing\)"):
+        resolve_shards(str(root / "easy-{000000..000009}.tar"))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_epochs_have_fixed_length_and_full_batches(shards, workers):
+    dm = VisorDataModule(train=[str(shards.root / "easy-*.tar"), str(shards.root / "hard-*.tar")],
+                         tokenizer=shards.tokenizer_dir, backbone=shards.spec, batch_size=3, num_workers=workers,
+                         batches_per_epoch=4, shuffle_buffer=8, seed=1)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    epochs = [[b["id"] for b in loader] for _ in range(2)]
+    expected = 4 if workers == 0 else 2 * 2
+    assert len(loader) == expected and all(len(e) == expected for e in epochs)
+    assert all(len(ids) == 3 for e in epochs for ids in e)
+    assert epochs[0] != epochs[1]  # a new epoch draws a new stream
+    again = dm.train_dataloader()  # same seed and epoch -> the same stream (reproducible)
+    assert [b["id"] for b in again] == epochs[0]
+
+
+def test_eval_reads_every_sample_once_across_workers(shards):
+    dm = VisorDataModule(val={"easy": str(shards.root / "easy-*.tar"), "hard": str(shards.root / "hard-*.tar")},
+                         tokenizer=shards.tokenizer_dir, backbone=shards.spec, batch_size=7, num_workers=2)
+    dm.setup("validate")
+    easy, hard = dm.val_dataloader()
+    ids_easy = [i for b in easy for i in b["id"]]
+    ids_hard = [i for b in hard for i in b["id"]]
+    assert sorted(ids_easy) == sorted(f"easyvqa-train-{i:06d}" for i in range(60))
+    assert sorted(ids_hard) == [f"synthetic-train-{i:07d}" for i in range(60)]
+    assert dm.skip_counts()["total"] == {"read": 120}
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_two_workers(shards, tmp_path):
+    """Real Lightning DDP (gloo), 2 ranks x 2 workers: equal training steps per rank, different data per rank,
+    and validation sees every sample exactly once across ranks and workers."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "tests/scripts/ddp_data_probe.py"), str(shards.root), str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    steps = [len(r["train_ids"]) for r in ranks]
+    assert steps == [12, 12]  # 2 epochs x (5 batches -> 3 per worker x 2 workers)
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 12
+    assert all(len(b) == 4 for r in ranks for b in r["train_ids"])
+    assert ranks[0]["train_ids"] != ranks[1]["train_ids"]
+    for idx, n in (("0", 60), ("1", 60)):
+        seen = ranks[0]["val_ids"].get(idx, []) + ranks[1]["val_ids"].get(idx, [])
+        assert len(seen) == len(set(seen)) == n
+    # the callback summed the read counters of both ranks (2 val passes x 120 + 2 epochs x 12 steps x 4 x 2 ranks,
+    # minus nothing skipped); both ranks agree
+    assert ranks[0]["data_stats"] == ranks[1]["data_stats"] and ranks[0]["data_stats"]["data/read"] >= 2 * 120
