@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import glob
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,10 @@ from .images import DEFAULT_MAX_PIXELS
 from .schema import SkipStats, merge_counts
 from .streams import Example, ShardStream, StreamLoader
 from .tokenizer import load_tokenizer
+
+# Our training streams' __len__ is exact by construction (with_epoch per worker x workers), which is what
+# Lightning's generic warning about IterableDataset lengths under multi-process loading cannot know.
+warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
 
 
 def resolve_shards(spec: str | list[str], *, field: str = "shards") -> list[str]:
@@ -122,8 +127,8 @@ class VisorDataModule(pl.LightningDataModule):
             self.encoder = Encoder(tok, self.backbone, proc, self.max_length)
             self.train_urls = resolve_shards(self.train_spec, field="data.train") if self.train_spec else []
             self.val_urls = {k: resolve_shards(v, field=f"data.val.{k}") for k, v in self.val_spec.items()}
-            self.train_stats = SkipStats(self.strict)
-            self.val_stats = {k: SkipStats(self.strict) for k in self.val_urls}
+            self.train_stats = SkipStats(self.strict, max_workers=max(1, self.num_workers))
+            self.val_stats = {k: SkipStats(self.strict, max_workers=max(1, self.num_workers)) for k in self.val_urls}
 
     @property
     def batches_per_worker(self) -> int:

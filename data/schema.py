@@ -129,7 +129,10 @@ class SkipStats:
 
     def _row(self) -> int:
         info = torch.utils.data.get_worker_info()
-        return 0 if info is None else 1 + info.id
+        row = 0 if info is None else 1 + info.id
+        if row >= self.table.shape[0]:
+            raise RuntimeError(f"SkipStats was sized for {self.table.shape[0] - 1} workers; DataLoader worker {row - 1} has no row")
+        return row
 
     def add(self, name: str, n: int = 1) -> None:
         self.table[self._row(), self.NAMES.index(name)] += n

@@ -147,3 +147,83 @@ def test_ddp_two_ranks_two_workers(shards, tmp_path):
     # the callback summed the read counters of both ranks (2 val passes x 120 + 2 epochs x 12 steps x 4 x 2 ranks,
     # minus nothing skipped); both ranks agree
     assert ranks[0]["data_stats"] == ranks[1]["data_stats"] and ranks[0]["data_stats"]["data/read"] >= 2 * 120
+
+
+def test_checkpoint_directory_supplies_tokenizer_and_processor(shards, tmp_path):
+    """The real-user path: a LLaVA-OV directory with config, weights, tokenizer and preprocessor_config.json.
+    The DataModule takes tokenizer and image processor from ``backbone.pretrained``; the batch runs through
+    ``VisorModel.from_llava_onevision`` of the same directory."""
+    from conftest import make_host
+
+    ckpt = tmp_path / "llava-ov-tiny"
+    make_host(shards.spec).save_pretrained(ckpt)
+    shards.tokenizer.save_pretrained(ckpt)
+    image_processor_for(shards.spec).save_pretrained(ckpt)
+    spec = BackboneSpec.from_pretrained_dir(ckpt)
+    dm = VisorDataModule(train=shards.hard_urls, backbone=spec, batch_size=2, num_workers=0, batches_per_epoch=1)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    model, _ = VisorModel.from_llava_onevision(ckpt)
+    out = model(batch["input_ids"], batch["pixel_values"], batch["image_sizes"], batch["attention_mask"], labels=batch["labels"])
+    assert torch.isfinite(out.loss)
+    with pytest.raises(ValueError, match="data.tokenizer is required"):
+        VisorDataModule(train=shards.hard_urls, backbone=tiny_backbone())
+
+
+def test_skip_counts_reach_mlflow_through_the_logger(shards, tmp_path):
+    """DataStats -> Lightning's MLFlowLogger -> a real sqlite MLflow store, read back with MlflowClient."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow.tracking import MlflowClient
+
+    from visor_lightning.callbacks.data_stats import DataStats
+
+    import tarfile
+
+    bad = tmp_path / "bad-000000.tar"
+    good = Path(shards.easy_urls[0]).read_bytes()
+    with tarfile.open(shards.easy_urls[0]) as t:
+        last = t.getmembers()[-1]
+    bad.write_bytes(good[: last.offset_data + last.size // 2])  # cut inside the last member (tar padding aside)
+
+    class Probe(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, batch_idx):
+            return (self.w - batch["pixel_values"].mean()) ** 2
+
+        def validation_step(self, batch, batch_idx):
+            pass
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    logger = MLFlowLogger(experiment_name="data-test", tracking_uri=uri)
+    dm = VisorDataModule(train=shards.easy_urls[1:3], val={"bad": str(bad)}, tokenizer=shards.tokenizer_dir,
+                         backbone=shards.spec, batch_size=2, num_workers=0, batches_per_epoch=3)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=logger, callbacks=[DataStats()], num_sanity_val_steps=0,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    trainer.fit(Probe(), datamodule=dm)
+    metrics = MlflowClient(uri).get_run(logger.run_id).data.metrics
+    assert metrics["data/truncated_shard"] == 1
+    assert dm.skip_counts()["val/bad"] == {"truncated_shard": 1, "read": 9}  # the last sample lost its image
+    assert metrics["data/read"] == dm.skip_counts()["total"]["read"]  # train reads ahead into the shuffle buffer
+
+
+@pytest.mark.slow
+def test_bench_data_reports_loader_and_training_rates(shards, capsys):
+    from visor_lightning.cli import main
+
+    assert main(["bench", "data", "--shards", *shards.easy_urls, "--tokenizer", shards.tokenizer_dir, "--batches", "4",
+                 "--batch-size", "2", "--workers", "0,1", "--json"]) == 0
+    out = capsys.readouterr().out
+    res = json.loads(out[out.index("{"):])
+    assert [r["workers"] for r in res["loader"]] == [0, 1]
+    for r in res["loader"]:
+        assert r["samples_per_s"] > 0 and r["train_fed_samples_per_s"] > 0
+        assert r["loader_over_train"] == pytest.approx(r["samples_per_s"] / res["train_samples_per_s_preloaded"], rel=0.02)
+    assert res["visual_tokens_per_sample"] == shards.spec.visual_tokens(64, 64)
