@@ -105,11 +105,10 @@ class VisorDataModule(pl.LightningDataModule):
         if batch_size < 1 or batches_per_epoch < 1 or num_workers < 0:
             raise ValueError("data: batch_size and batches_per_epoch must be >= 1, num_workers >= 0")
         self.train_spec, self.val_spec = train, dict(val or {})
-        self.backbone = backbone or BackboneSpec()
-        self.tokenizer_path = tokenizer or self.backbone.pretrained
-        if self.tokenizer_path is None:
+        self.backbone = backbone  # None: the LightningModule's (``.spec``) at setup time
+        self.tokenizer_path, self.image_processor_path = tokenizer, image_processor
+        if backbone is not None and tokenizer is None and backbone.pretrained is None:
             raise ValueError("data.tokenizer is required (or set backbone.pretrained to a checkpoint with one)")
-        self.image_processor_path = image_processor or self.backbone.pretrained
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.batches_per_epoch = num_workers, batches_per_epoch
         self.shuffle_buffer, self.max_length, self.max_pixels = shuffle_buffer, max_length, max_pixels
@@ -122,8 +121,16 @@ class VisorDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Per process (after DDP start): tokenizer, image processor, shard lists, and this rank's counters."""
         if self.encoder is None:
-            tok = load_tokenizer(self.tokenizer_path)
-            proc = image_processor_for(self.backbone, self.image_processor_path)
+            if self.backbone is None:
+                module = getattr(getattr(self, "trainer", None), "lightning_module", None)
+                if module is None or not hasattr(module, "spec"):
+                    raise ValueError("data.backbone is not set and there is no VISOR LightningModule to take it from")
+                self.backbone = module.spec
+            pretrained = self.backbone.pretrained
+            if self.tokenizer_path is None and pretrained is None:
+                raise ValueError("data.tokenizer is required (or set backbone.pretrained to a checkpoint with one)")
+            tok = load_tokenizer(self.tokenizer_path or pretrained)
+            proc = image_processor_for(self.backbone, self.image_processor_path or pretrained)
             self.encoder = Encoder(tok, self.backbone, proc, self.max_length)
             self.train_urls = resolve_shards(self.train_spec, field="data.train") if self.train_spec else []
             self.val_urls = {k: resolve_shards(v, field=f"data.val.{k}") for k, v in self.val_spec.items()}

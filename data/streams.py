@@ -3,7 +3,8 @@
 Training streams are infinite (WebDataset's ``ResampledShards``, a per-rank/worker seed) cut by ``with_epoch``
 into a fixed number of full batches per worker, so every rank runs the same number of steps and DDP never
 waits on a rank that ran dry. Evaluation streams are finite: ``split_by_node`` then ``split_by_worker`` over the
-shard list, so each sample is read exactly once across all ranks and workers.
+shard list, so each sample is read exactly once across all ranks and workers. The rank is taken in the main
+process (a forkserver-started worker has no process group to ask).
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ class ShardStream(IterableDataset):
         self.seed, self.max_pixels = seed, max_pixels
         self.epoch = 0
         self.num_workers = 0  # set by StreamLoader; gives the epoch length
+        self.rank, self.world_size = 0, 1  # set by StreamLoader in the main process (workers may not know it)
 
     def __len__(self) -> int:
         if not self.train:
@@ -155,7 +157,9 @@ class ShardStream(IterableDataset):
     def pipeline(self):
         import webdataset as wds
 
-        rank, world, worker, _ = wds.utils.pytorch_worker_info()
+        worker_info = torch.utils.data.get_worker_info()
+        worker = worker_info.id if worker_info is not None else 0
+        rank, world = self.rank, self.world_size
         if self.train:
             seed = _seed(self.seed, self.epoch, rank, worker)
             shards = wds.ResampledShards(self.urls, worker_seed=lambda: 0, seed=seed, deterministic=True)
@@ -168,8 +172,7 @@ class ShardStream(IterableDataset):
             ]
             return wds.DataPipeline(*stages).with_epoch(self.batches_per_worker)
         stages = [
-            wds.SimpleShardList(self.urls),
-            wds.split_by_node,
+            wds.SimpleShardList(self.urls[rank::world]),  # split by node (as wds.split_by_node, explicit rank)
             wds.split_by_worker,
             lambda src: read_samples(src, self.stats, self.max_pixels),
             self._encoded,
@@ -181,14 +184,35 @@ class ShardStream(IterableDataset):
         return iter(self.pipeline())
 
 
-class StreamLoader(DataLoader):
-    """DataLoader over a :class:`ShardStream` (batching happens in the stream, so ``batch_size=None``)."""
+WORKER_PRELOAD = ["visor_lightning.data.streams", "visor_lightning.data.collate", "visor_lightning.data.datamodule"]
 
-    def __init__(self, stream: ShardStream, num_workers: int = 0, **kwargs: Any) -> None:
+
+class StreamLoader(DataLoader):
+    """DataLoader over a :class:`ShardStream` (batching happens in the stream, so ``batch_size=None``).
+
+    Workers start from a ``forkserver`` by default: forking a process that already runs gloo/OpenMP/tokenizer
+    threads can deadlock inside ``fork()`` (seen with 2 DDP ranks x 2 workers: a worker hung forever and its
+    rank with it). The fork server is single-threaded and has the data modules imported, so workers still
+    start quickly; the stream (and its shared-memory counters) is pickled to them.
+    """
+
+    def __init__(self, stream: ShardStream, num_workers: int = 0, start_method: str = "forkserver", **kwargs: Any) -> None:
+        import multiprocessing as mp
+
         stream.num_workers = num_workers
-        super().__init__(stream, batch_size=None, num_workers=num_workers, persistent_workers=False, **kwargs)
+        context = None
+        if num_workers > 0:
+            context = mp.get_context(start_method)
+            if start_method == "forkserver":
+                context.set_forkserver_preload(WORKER_PRELOAD)
+        super().__init__(stream, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                         multiprocessing_context=context, **kwargs)
 
     def __iter__(self):
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            self.dataset.rank, self.dataset.world_size = dist.get_rank(), dist.get_world_size()
         it = super().__iter__()  # workers receive the dataset as it is now
         self.dataset.epoch += 1
         return it
