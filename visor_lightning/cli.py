@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--decode-tokens", type=_positive, default=16, help="generated tokens to average decode over")
     f.add_argument("--kv-bytes", type=_positive, default=2, help="bytes per KV element (2 = bf16)")
 
+    for name, text in (("fit", "train one stage: visor fit --config experiments/...yaml (LightningCLI; --help there)"),
+                       ("validate", "evaluate a stage's model on its validation sets (LightningCLI)"),
+                       ("test", "evaluate on the test loaders (LightningCLI)"),
+                       ("pipeline", "all stages in order, weights handed over: visor pipeline --config experiments/debug/pipeline.yaml")):
+        sub.add_parser(name, help=text, add_help=False)
     _add_data_parsers(sub)
     _add_bench_parsers(sub)
 
@@ -170,7 +175,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from_shell = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in LIGHTNING_COMMANDS:  # LightningCLI owns these (its own --help and --print_config)
+        from .lit.cli import run_cli
+
+        run_cli(None if from_shell else argv)
+        return 0
+    if argv and argv[0] == "pipeline":
+        from .pipeline import pipeline_main
+
+        return pipeline_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:

@@ -36,6 +36,8 @@ def load_model_section(path: str | Path) -> ModelSection:
     model: Any = raw.get("model") if raw is not None else None
     if model is None:
         raise ValueError(f"{path}: no 'model:' section")
+    if "class_path" in model:  # a LightningCLI stage config: the model's shapes sit in init_args
+        model = OmegaConf.masked_copy(model.get("init_args") or {}, ["backbone", "schedule", "policy_width"])
     unknown = set(model.keys()) - {"backbone", "schedule", "policy_width"}
     if unknown:
         raise ValueError(f"{path}: unknown key(s) model.{sorted(unknown)}; expected backbone, schedule, policy_width")

@@ -226,11 +226,29 @@ class VisorModel(nn.Module):
         if labels is not None:
             if last_only:
                 raise ValueError("labels need logits for every text token: last_only must be False")
-            shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
-            ext = torch.cat([shifted, shifted.new_full((shifted.shape[0], 1), -100)], dim=1)
-            targets = ext.gather(1, out.streams.text_idx)
+            targets = self.text_targets(labels, out.streams.text_idx)
             loss = nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return VisorOutput(out.logits, loss, out)
+
+    @staticmethod
+    def text_targets(labels: torch.Tensor, text_idx: torch.Tensor) -> torch.Tensor:
+        """Sequence-aligned ``labels`` [B, N] -> next-token targets per text slot [B, Nt] (-100 = ignore)."""
+        shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+        ext = torch.cat([shifted, shifted.new_full((shifted.shape[0], 1), -100)], dim=1)
+        return ext.gather(1, text_idx)
+
+    @staticmethod
+    def answer_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sample: (mean answer-token cross-entropy [B], fraction of answer tokens predicted by argmax [B]).
+
+        Teacher-forced, so one forward scores a configuration on every sample (policy pseudo-labels, search).
+        """
+        valid = targets != -100
+        ce = nn.functional.cross_entropy(logits.transpose(1, 2).float(), targets.clamp_min(0), reduction="none")
+        n = valid.sum(1).clamp_min(1)
+        loss = (ce * valid).sum(1) / n
+        acc = ((logits.argmax(-1) == targets) & valid).sum(1) / n
+        return loss, acc
 
     @torch.no_grad()
     def generate(

@@ -99,7 +99,7 @@ def _rows_set(x: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torc
 
 @dataclass
 class LMOutput:
-    logits: torch.Tensor  # [B, Nt, vocab] per text slot, or [B, vocab] for the last text token
+    logits: torch.Tensor | None  # [B, Nt, vocab] per text slot, [B, vocab] for the last text token, None if policy_only
     streams: Streams
     config_ids: torch.Tensor  # [B] the configuration each sample ran
     policy_logits: torch.Tensor | None
@@ -144,12 +144,17 @@ class VisorLanguageModel(nn.Module):
         route: Callable[[torch.Tensor], torch.Tensor] | None = None,
         cache: VisorCache | None = None,
         last_only: bool = False,
+        policy_only: bool = False,
     ) -> LMOutput:
         """Prefill over an interleaved sequence.
 
         ``config_ids`` [B] picks each sample's feasible configuration; without it, ``policy`` decides in front of
         the router layer (``route`` maps its logits to ids, argmax by default); with neither, the maximal one.
+        ``policy_only`` stops at the router (logits None): every configuration shares the layers before it, so
+        policy training need not run the rest.
         """
+        if policy_only and (policy is None or self.schedule.router_layer is None or config_ids is not None):
+            raise ValueError("policy_only needs a policy, no config_ids, and a schedule with a router layer")
         sch = self.schedule
         b, n, _ = inputs_embeds.shape
         dev = inputs_embeds.device
@@ -174,6 +179,8 @@ class VisorLanguageModel(nn.Module):
             role = sch.role(l)
             if l == sch.router_layer and active is None:
                 policy_logits = policy(text, st.text_valid, vis, st.vis_valid)
+                if policy_only:
+                    return LMOutput(None, st, policy_logits.argmax(-1), policy_logits, calls)
                 config_ids = (route or (lambda z: z.argmax(-1)))(policy_logits)
                 active = sch.active_mask(config_ids)
             if role == "ca":

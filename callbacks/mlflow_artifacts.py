@@ -1,0 +1,85 @@
+"""What a stage leaves behind in its run directory and in MLflow: the resolved config (params + YAML), the
+evaluation table and an accuracy-vs-FLOPs plot after every validation, and the final weights (safetensors +
+visor.json) at the end of fit. Rank zero only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import MLFlowLogger
+
+
+def _mlflow(trainer: pl.Trainer) -> MLFlowLogger | None:
+    return next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
+
+
+def plot_accuracy_vs_flops(results: dict[str, dict[str, dict[str, Any]]], out: Path, title: str,
+                           dense: dict[str, dict[str, float]] | None = None) -> Path:
+    """One panel per evaluation set: accuracy vs prefill GFLOPs per sample for every configuration (dots), the
+    policy (star) and, when known, the dense model (square)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = list(results)
+    fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 4), squeeze=False)
+    for ax, s in zip(axes[0], sets):
+        for name, r in results[s].items():
+            marker, size = ("*", 220) if name == "policy" else ("o", 60)
+            ax.scatter(r["gflops"], 100 * r["acc"], marker=marker, s=size, zorder=3)
+            ax.annotate(name, (r["gflops"], 100 * r["acc"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        if dense and s in dense:
+            ax.scatter(dense[s]["gflops"], 100 * dense[s]["acc"], marker="s", s=70, color="black", zorder=3)
+            ax.annotate("dense", (dense[s]["gflops"], 100 * dense[s]["acc"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.set_xlabel("LLM prefill GFLOPs per sample")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(f"{title}: {s}")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+class MlflowArtifacts(pl.Callback):
+    def __init__(self, root: str | Path, config_yaml: str | Path, params: dict[str, Any]) -> None:
+        self.root, self.config_yaml, self.params = Path(root), Path(config_yaml), params
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        logger = _mlflow(trainer)
+        if logger is None or not trainer.is_global_zero:
+            return
+        logger.log_hyperparams({k: str(v)[:5000] for k, v in self.params.items()})
+        logger.experiment.log_artifact(logger.run_id, str(self.config_yaml))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        results = getattr(pl_module, "eval_results", None)
+        if trainer.sanity_checking or not results or not trainer.is_global_zero:
+            return
+        (self.root / "eval.json").write_text(json.dumps({"step": trainer.global_step, "results": results}, indent=2))
+        png = plot_accuracy_vs_flops(results, self.root / "plots" / "acc_vs_flops.png", getattr(pl_module, "stage", ""))
+        logger = _mlflow(trainer)
+        if logger is not None:
+            logger.experiment.log_artifact(logger.run_id, str(png), "plots")
+            logger.experiment.log_artifact(logger.run_id, str(self.root / "eval.json"))
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        from visor_lightning.lit.weights import export_llava_onevision, save_weights
+
+        extra = {"stage": pl_module.stage, "global_step": trainer.global_step}
+        if getattr(pl_module, "search_result", None):
+            extra["search"] = pl_module.search_result
+        weights = save_weights(pl_module.model, self.root / "weights", extra)
+        logger = _mlflow(trainer)
+        if pl_module.stage == "base":
+            dm = trainer.datamodule
+            export_llava_onevision(pl_module.model, self.root / "hf", dm.encoder.tok, dm.encoder.proc)
+        if logger is not None:
+            logger.experiment.log_artifacts(logger.run_id, str(weights), "weights")

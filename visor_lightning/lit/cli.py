@@ -1,0 +1,132 @@
+"""``visor fit|validate|test``: LightningCLI over the stage modules and the streaming DataModule.
+
+Typed ``__init__`` signatures are the config schema; YAML goes through omegaconf (``${...}`` interpolation).
+On top of plain LightningCLI this adds what every VISOR run needs: an MLflow run per stage (nested under a
+pipeline run when there is one, and the same run again on resume), a checkpoint every N steps with
+``last.ckpt`` for ``--ckpt_path last``, gradient accumulation derived from ``--global_batch_size``, bf16-mixed
+where the hardware has it, a Rich progress bar, data skip counts, and the final weights as artifacts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LightningCLI
+
+from visor_lightning.data.datamodule import VisorDataModule
+
+from .module import VisorLitModule
+from .tracking import open_stage_logger
+
+
+def default_precision() -> str:
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def accumulation(global_batch: int | None, per_device: int, devices: Any, num_nodes: int) -> int:
+    """Micro-batches per optimizer step so that batch x devices x nodes x accumulation == global batch."""
+    if global_batch is None:
+        return 1
+    n_dev = devices if isinstance(devices, int) and devices > 0 else (len(devices) if isinstance(devices, (list, tuple)) else 1)
+    per_step = per_device * n_dev * num_nodes
+    if global_batch % per_step:
+        raise ValueError(
+            f"global_batch_size {global_batch} is not a multiple of batch_size {per_device} x {n_dev} device(s) x "
+            f"{num_nodes} node(s) = {per_step}"
+        )
+    return global_batch // per_step
+
+
+class VisorCLI(LightningCLI):
+    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        super().__init__(
+            model_class=VisorLitModule,
+            subclass_mode_model=True,
+            datamodule_class=VisorDataModule,
+            save_config_callback=None,  # the resolved config goes to the run directory and MLflow (see below)
+            parser_kwargs={"parser_mode": "omegaconf", "default_env": False},
+            trainer_defaults={"num_sanity_val_steps": 0, "precision": default_precision(), "log_every_n_steps": 10},
+            seed_everything_default=0,
+            args=args,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--experiment", type=str, default="visor", help="MLflow experiment name")
+        parser.add_argument("--run_name", type=str | None, default=None, help="MLflow run name (default: the stage)")
+        parser.add_argument("--global_batch_size", type=int | None, default=None,
+                            help="derive trainer.accumulate_grad_batches from data.batch_size x devices x nodes")
+        parser.add_argument("--checkpoint_every_n_steps", type=int, default=50, help="write last.ckpt this often")
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        gbs = cfg.get("global_batch_size")
+        if gbs is not None:
+            t = cfg.trainer
+            cfg.trainer.accumulate_grad_batches = accumulation(gbs, cfg.data.batch_size, t.devices, t.num_nodes)
+        if not cfg.trainer.get("default_root_dir"):
+            cfg.trainer.default_root_dir = "runs/default"
+
+    def instantiate_trainer(self, **kwargs: Any):
+        from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+
+        from visor_lightning.callbacks.data_stats import DataStats
+        from visor_lightning.callbacks.mlflow_artifacts import MlflowArtifacts
+
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        root = Path(cfg.trainer.default_root_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        config_yaml = root / "config.yaml"
+        config_yaml.write_text(self._parser(self.subcommand).dump(cfg, skip_none=False))
+        resume = self.subcommand == "fit" and cfg.get("ckpt_path") is not None
+        stage = getattr(self.model, "stage", "run")
+        logger = None
+        if not cfg.trainer.get("fast_dev_run"):
+            logger = open_stage_logger(root, experiment=cfg.experiment, stage=stage, run_name=cfg.run_name,
+                                       model=self.model, resume=resume)
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        callbacks += [
+            ModelCheckpoint(dirpath=root / "checkpoints", filename="step{step}", save_last=True, save_top_k=1,
+                            every_n_train_steps=cfg.checkpoint_every_n_steps),
+            RichProgressBar(leave=True),
+            DataStats(),
+            MlflowArtifacts(root, config_yaml, self.config_dump_for_params(cfg)),
+        ]
+        if logger is not None:
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        kwargs["callbacks"] = callbacks
+        if logger is not None:
+            kwargs["logger"] = logger
+        return super().instantiate_trainer(**kwargs)
+
+    @staticmethod
+    def config_dump_for_params(cfg) -> dict[str, Any]:
+        """The resolved config, flattened for MLflow params (``ckpt_path`` left out: it changes on resume)."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, node: Any) -> None:
+            if isinstance(node, dict) or hasattr(node, "items"):
+                for k, v in node.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            else:
+                out[prefix] = node
+
+        walk("", cfg.as_dict() if hasattr(cfg, "as_dict") else dict(cfg))
+        out.pop("ckpt_path", None)
+        out.pop("config", None)
+        return out
+
+
+def run_cli(args: list[str] | None) -> VisorCLI:
+    """``args=None`` reads ``sys.argv[1:]`` (the shell); the pipeline passes its own."""
+    import warnings
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args is not None:  # the pipeline runs stages in-process on purpose
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    return VisorCLI(args=args)

@@ -1,0 +1,347 @@
+"""The LightningModule every training stage shares: building the model, which parts train, the optimizer, and
+evaluation of every configuration (accuracy and FLOPs per sample).
+
+The model itself stays a plain ``VisorModel`` (``self.model``) with its four parts kept separate (``vision``,
+``connector``, ``lm``, ``policy``); stages differ only in which parts train and which configuration each step
+runs (see ``stages.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torchmetrics import MeanMetric
+
+from visor_lightning.flops import FlopsModel
+from visor_lightning.models import BackboneSpec, LayerSchedule, ScheduleConfig, VisorModel
+
+from .metrics import ChoiceCounts, ExactMatch, metric_key, normalize_answer
+
+# Which parameters belong to which part (names as in VisorModel.named_parameters()).
+PARTS = ("vision", "connector", "cpe", "ca", "lm", "policy")
+
+
+def part_of(name: str) -> str:
+    if name.startswith("vision."):
+        return "vision"
+    if name.startswith("connector.cpe."):
+        return "cpe"
+    if name.startswith("connector."):
+        return "connector"
+    if name.startswith("lm.ca_blocks."):
+        return "ca"
+    if name.startswith("lm."):
+        return "lm"
+    if name.startswith("policy."):
+        return "policy"
+    raise ValueError(f"parameter {name!r} belongs to no part")
+
+
+POLICY = "policy"  # evaluation target: the policy picks per sample
+
+
+class VisorLitModule(pl.LightningModule):
+    """Base of the stages.
+
+    Args:
+        backbone: model shapes; ``backbone.pretrained`` loads a local LLaVA-OneVision checkpoint.
+        schedule: layer roles (CA / SA candidates / feasible configurations).
+        policy_width: hidden width of the policy MLP.
+        init_from: a previous stage's ``weights/`` directory (model.safetensors + visor.json); wins over
+            ``backbone``/``schedule``.
+        tokenizer_vocab: for a from-scratch backbone, size its vocabulary and ``<image>`` id to this tokenizer.
+        train_parts: parts to train, from vision, connector, cpe, ca, lm, policy (the rest is frozen).
+        lr, weight_decay, betas, warmup_steps, min_lr_ratio: AdamW with linear warm-up and cosine decay.
+        eval_configs: what validation evaluates: "full" (the maximal configuration), "all" (every feasible
+            one), or a list of configuration names; None: the stage's default. The policy stage adds the policy.
+        max_new_tokens: generation length for evaluation (answers are short).
+        expected_trainable: if set, fail unless exactly this many parameters train (a guard for stage 1).
+    """
+
+    stage = "base"
+    default_parts: tuple[str, ...] = PARTS
+    default_eval = "full"
+
+    def __init__(
+        self,
+        backbone: BackboneSpec | None = None,
+        schedule: ScheduleConfig | None = None,
+        policy_width: int = 256,
+        init_from: str | None = None,
+        tokenizer_vocab: str | None = None,
+        train_parts: list[str] | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.1,
+        eval_configs: str | list[str] | None = None,
+        max_new_tokens: int = 8,
+        expected_trainable: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        # under LightningCLI, hparams hold the raw config (plain dicts), so the typed objects are kept here
+        self.backbone_cfg, self.schedule_cfg = _as_backbone(backbone), _as_schedule(schedule)
+        self.model = self.build_model()
+        parts = list(train_parts) if train_parts is not None else list(self.default_parts)
+        unknown = set(parts) - set(PARTS)
+        if unknown:
+            raise ValueError(f"model.train_parts: unknown part(s) {sorted(unknown)}; choose from {list(PARTS)}")
+        self.train_parts = parts
+        self.apply_trainable()
+        if expected_trainable is not None and self.num_trainable() != expected_trainable:
+            raise ValueError(f"{self.stage}: {self.num_trainable()} trainable parameters, expected {expected_trainable}")
+        self.eval_results: dict[str, dict[str, dict[str, float]]] = {}
+        self.last_layer_calls: dict[str, int] = {}
+        self._metrics_ready = False
+
+    # ---- model --------------------------------------------------------------------------------------
+    def resolve_schedule(self, spec: BackboneSpec) -> LayerSchedule:
+        return LayerSchedule.build(spec.text.num_layers, self.schedule_cfg)
+
+    def build_model(self) -> VisorModel:
+        h = self.hparams
+        if h.init_from:
+            from .weights import load_weights
+
+            override = self.resolve_schedule(_saved_spec(h.init_from)) if self.schedule_cfg is not None else None
+            return load_weights(h.init_from, override)
+        spec = self.backbone_cfg or BackboneSpec()
+        if spec.pretrained:  # the checkpoint's config.json gives the shapes; the YAML's are not used
+            shapes = BackboneSpec.from_pretrained_dir(spec.pretrained)
+            model, report = VisorModel.from_llava_onevision(spec.pretrained, self.resolve_schedule(shapes), policy_width=h.policy_width)
+            print(f"[{self.stage}] {report.summary()}")
+            return model
+        if h.tokenizer_vocab:
+            from visor_lightning.data.tokenizer import backbone_for_tokenizer, load_tokenizer
+
+            spec = backbone_for_tokenizer(spec, load_tokenizer(h.tokenizer_vocab))
+        return VisorModel(spec, self.resolve_schedule(spec), policy_width=h.policy_width, host=None)
+
+    @property
+    def spec(self) -> BackboneSpec:
+        return self.model.backbone
+
+    @property
+    def schedule(self) -> LayerSchedule:
+        return self.model.schedule
+
+    def set_schedule(self, schedule: LayerSchedule) -> None:
+        """Replace the feasible set (same CA/SA layers); the policy head gets one output per configuration."""
+        from visor_lightning.models.policy import Policy
+
+        self.model.schedule = schedule
+        self.model.lm.schedule = schedule
+        if self.model.policy.num_configs != len(schedule.feasible):
+            self.model.policy = Policy(self.spec.text.hidden_size, len(schedule.feasible), self.hparams.policy_width)
+        self.apply_trainable()
+
+    def apply_trainable(self) -> None:
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(part_of(name) in self.train_parts)
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def trainable_by_part(self) -> dict[str, int]:
+        out = {k: 0 for k in PARTS}
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                out[part_of(name)] += p.numel()
+        return out
+
+    # ---- training -----------------------------------------------------------------------------------
+    def train_config_ids(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The configuration each sample trains this step: the maximal one (stages override)."""
+        return torch.full((batch["input_ids"].shape[0],), self.schedule.full_config, device=self.device)
+
+    def forward_batch(self, batch: dict[str, Any], config_ids: torch.Tensor | None = None):
+        return self.model(batch["input_ids"], batch["pixel_values"], batch["image_sizes"], batch["attention_mask"],
+                          labels=batch["labels"], config_ids=config_ids)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        ids = self.train_config_ids(batch)
+        out = self.forward_batch(batch, ids)
+        self.last_layer_calls = out.lm.layer_calls
+        bs = batch["input_ids"].shape[0]
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
+        self.log_flops("train", batch["input_ids"], batch["attention_mask"], ids, routed=False)
+        return out.loss
+
+    def log_flops(self, prefix: str, ids: torch.Tensor, mask: torch.Tensor, config_ids: torch.Tensor, routed: bool) -> None:
+        flops, dense = self.flops_per_sample(ids, mask, config_ids, routed)
+        self.log(f"{prefix}/gflops_per_sample", flops.mean() / 1e9, batch_size=len(flops))
+        self.log(f"{prefix}/flops_saving", dense.sum() / flops.sum(), batch_size=len(flops))
+
+    def flops_per_sample(self, ids: torch.Tensor, mask: torch.Tensor, config_ids: torch.Tensor, routed: bool):
+        """Analytic LLM prefill FLOPs per sample for its configuration, and for the dense host model."""
+        vis = ids == self.spec.image_token_id
+        nt = ((~vis) & mask.bool()).sum(1).tolist()
+        nv = vis.sum(1).tolist()
+        fm, dense = self.flops_models()
+        feas = self.schedule.feasible
+        f = [fm.prefill(feas[c], t, v, routed=routed) for c, t, v in zip(config_ids.tolist(), nt, nv)]
+        d = [dense.prefill(None, t, v) for t, v in zip(nt, nv)]
+        return torch.tensor(f, dtype=torch.float64), torch.tensor(d, dtype=torch.float64)
+
+    def flops_models(self) -> tuple[FlopsModel, FlopsModel]:
+        key = self.schedule.feasible
+        if getattr(self, "_fm_key", None) != key:
+            self._fm = (FlopsModel(self.spec, self.schedule, self.hparams.policy_width),
+                        FlopsModel(self.spec, LayerSchedule.dense(self.schedule.num_layers)))
+            self._fm_key = key
+        return self._fm
+
+    def configure_optimizers(self):
+        h = self.hparams
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"{self.stage}: nothing to train (train_parts={self.train_parts})")
+        opt = torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay, betas=tuple(h.betas))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+
+        def factor(step: int) -> float:
+            if step < h.warmup_steps:
+                return (step + 1) / h.warmup_steps
+            t = min(1.0, (step - h.warmup_steps) / max(1, total - h.warmup_steps))
+            return h.min_lr_ratio + (1 - h.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---- evaluation ---------------------------------------------------------------------------------
+    def eval_targets(self) -> list[str]:
+        """Names evaluated by validation: configuration names, and ``policy`` where a stage adds it."""
+        spec = self.hparams.eval_configs or self.default_eval
+        names = self.schedule.names
+        if spec == "full":
+            return [names[self.schedule.full_config]]
+        if spec == "all":
+            return list(names)
+        bad = [n for n in spec if n != POLICY and n not in names]
+        if bad:
+            raise ValueError(f"model.eval_configs: {bad} are not feasible; feasible: {names}")
+        return list(spec)
+
+    def val_set_names(self) -> list[str]:
+        dm = getattr(self.trainer, "datamodule", None)
+        names = list(getattr(dm, "val_names", []) or [])
+        return names or ["val"]
+
+    def _setup_metrics(self) -> None:
+        """One exact-match and one FLOPs metric per (val set, target); states sum over ranks."""
+        if self._metrics_ready:
+            return
+        self.em = torch.nn.ModuleDict()
+        self.flops_mean = torch.nn.ModuleDict()
+        self.dense_mean = torch.nn.ModuleDict()
+        self.val_loss = torch.nn.ModuleDict()
+        self.choice = torch.nn.ModuleDict()
+        for s in self.val_set_names():
+            self.dense_mean[s] = MeanMetric()
+            self.val_loss[s] = MeanMetric()
+            for t in self.eval_targets():
+                k = f"{s}|{metric_key(t)}"
+                self.em[k] = ExactMatch()
+                self.flops_mean[k] = MeanMetric()
+            self.choice[s] = ChoiceCounts(len(self.schedule.feasible))
+        self.to(self.device)
+        self._metrics_ready = True
+
+    def on_validation_start(self) -> None:
+        self._setup_metrics()
+
+    def on_test_start(self) -> None:
+        self._setup_metrics()
+
+    def _tokenizer(self):
+        return self.trainer.datamodule.encoder.tok
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        s = self.val_set_names()[dataloader_idx]
+        tok = self._tokenizer()
+        bs = batch["input_ids"].shape[0]
+        full = torch.full((bs,), self.schedule.full_config, device=self.device)
+        self.val_loss[s].update(self.forward_batch(batch, full).loss)
+        _, dense = self.flops_per_sample(batch["prompt_ids"], batch["prompt_mask"], full, routed=False)
+        self.dense_mean[s].update(dense)
+        for t in self.eval_targets():
+            use_policy = t == POLICY
+            cids = None if use_policy else torch.full((bs,), self.schedule.index(t), device=self.device)
+            tokens, chosen = self.model.generate(
+                batch["prompt_ids"], batch["pixel_values"], batch["image_sizes"], batch["prompt_mask"],
+                max_new_tokens=self.hparams.max_new_tokens, config_ids=cids, use_policy=use_policy,
+                eos_token_id=tok.eos_token_id,
+            )
+            preds = tok.batch_decode(tokens, skip_special_tokens=True)
+            k = f"{s}|{metric_key(t)}"
+            self.em[k].update(preds, batch["answer"])
+            flops, _ = self.flops_per_sample(batch["prompt_ids"], batch["prompt_mask"], chosen, routed=use_policy)
+            self.flops_mean[k].update(flops)
+            if use_policy:
+                self.choice[s].update(chosen)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.validation_step(batch, batch_idx, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish_eval("test")
+
+    def _finish_eval(self, prefix: str) -> None:
+        results: dict[str, dict[str, dict[str, float]]] = {}
+        for s in self.val_set_names():
+            dense = float(self.dense_mean[s].compute())
+            self.log(f"{prefix}/{s}/loss", self.val_loss[s].compute())
+            self.log(f"{prefix}/{s}/gflops/dense", dense / 1e9)
+            results[s] = {}
+            for t in self.eval_targets():
+                k = f"{s}|{metric_key(t)}"
+                acc, flops = float(self.em[k].compute()), float(self.flops_mean[k].compute())
+                results[s][t] = {"acc": acc, "gflops": flops / 1e9, "saving": dense / flops if flops else float("nan")}
+                self.log(f"{prefix}/{s}/acc/{metric_key(t)}", acc)
+                self.log(f"{prefix}/{s}/gflops/{metric_key(t)}", flops / 1e9)
+                self.log(f"{prefix}/{s}/flops_saving/{metric_key(t)}", results[s][t]["saving"])
+            if POLICY in self.eval_targets():
+                counts = self.choice[s].compute()
+                share = counts / counts.sum().clamp_min(1)
+                results[s][POLICY]["choice"] = {n: float(x) for n, x in zip(self.schedule.names, share)}
+                for n, x in zip(self.schedule.names, share):
+                    self.log(f"{prefix}/{s}/policy_share/{metric_key(n)}", x)
+            self.dense_mean[s].reset()
+            self.val_loss[s].reset()
+            self.choice[s].reset()
+        for m in list(self.em.values()) + list(self.flops_mean.values()):
+            m.reset()
+        self.eval_results = results
+
+
+def _as_backbone(value: BackboneSpec | dict | None) -> BackboneSpec | None:
+    if value is None or isinstance(value, BackboneSpec):
+        return value
+    from visor_lightning.models.spec import TextSpec, VisionSpec
+
+    d = dict(value)
+    return BackboneSpec(**{**d, "text": TextSpec(**(d.get("text") or {})), "vision": VisionSpec(**(d.get("vision") or {}))})
+
+
+def _as_schedule(value: ScheduleConfig | dict | None) -> ScheduleConfig | None:
+    if value is None or isinstance(value, ScheduleConfig):
+        return value
+    return ScheduleConfig(**dict(value))
+
+
+def _saved_spec(path: str) -> BackboneSpec:
+    from .weights import read_config, spec_from_dict
+
+    return spec_from_dict(read_config(Path(path))["backbone"])
+
+
+__all__ = ["PARTS", "POLICY", "VisorLitModule", "normalize_answer", "part_of"]

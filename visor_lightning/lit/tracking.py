@@ -1,0 +1,47 @@
+"""MLflow, the record of every experiment: where the store is, one run per stage, resume into the same run.
+
+The store is ``sqlite:///<runs root>/mlflow.db`` (``runs/`` by default, ``VISOR_RUNS_ROOT`` moves it) unless
+``MLFLOW_TRACKING_URI`` is set. A stage's run id is kept in ``<run dir>/mlflow_run_id``, so a resumed (or
+requeued) stage keeps logging into the same run. ``VISOR_PARENT_RUN_ID`` nests stage runs under a pipeline run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+RUN_ID_FILE = "mlflow_run_id"
+PARENT_ENV = "VISOR_PARENT_RUN_ID"
+
+
+def tracking_uri() -> str:
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = Path(os.environ.get("VISOR_RUNS_ROOT", "runs")).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def run_tags(model: Any, stage: str) -> dict[str, str]:
+    spec, sch = model.spec, model.schedule
+    t = spec.text
+    backbone = Path(spec.pretrained).name if spec.pretrained else f"d{t.hidden_size}-L{t.num_layers}-v{t.vocab_size}"
+    tags = {"stage": stage, "backbone": backbone, "schedule": sch.describe(), "feasible": ", ".join(sch.names)}
+    if os.environ.get(PARENT_ENV):
+        tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
+    return tags
+
+
+def open_stage_logger(root: Path, *, experiment: str, stage: str, run_name: str | None, model: Any, resume: bool):
+    """An MLFlowLogger for this stage; on resume, the run recorded in ``root/mlflow_run_id``."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    id_file = Path(root) / RUN_ID_FILE
+    run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
+    logger = MLFlowLogger(experiment_name=experiment, tracking_uri=tracking_uri(), run_name=run_name or stage,
+                          run_id=run_id, tags=run_tags(model, stage), log_model=False)
+    if rank_zero_only.rank == 0:
+        id_file.write_text(logger.run_id)  # creates the run now, so a crash before the first log still resumes it
+    return logger

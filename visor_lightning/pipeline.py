@@ -1,0 +1,238 @@
+"""``visor pipeline``: build the data, run every stage in order with the weights handed over, and summarise.
+
+One MLflow parent run holds the data counts and the summary; each stage is a nested run (``visor fit``
+underneath, same code path as running the stages by hand). A stage whose ``weights/visor.json`` exists is
+skipped, so re-running an interrupted pipeline continues where it stopped (``--restart`` redoes everything).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from .lit.tracking import PARENT_ENV, tracking_uri
+
+STAGE_KEYS = {"name", "config", "from", "args"}
+
+
+def load_pipeline(path: str | Path) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pipeline config {str(path)!r} does not exist")
+    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    for key in ("out", "stages"):
+        if key not in cfg:
+            raise ValueError(f"{path}: missing top-level key {key!r}")
+    unknown = set(cfg) - {"out", "experiment", "data", "stages", "summary"}
+    if unknown:
+        raise ValueError(f"{path}: unknown top-level key(s) {sorted(unknown)}")
+    names = []
+    for i, st in enumerate(cfg["stages"]):
+        bad = set(st) - STAGE_KEYS
+        if bad or "name" not in st or "config" not in st:
+            raise ValueError(f"{path}: stages[{i}] needs name and config (optional: from, args); unknown {sorted(bad)}")
+        if not Path(st["config"]).is_file():
+            raise FileNotFoundError(f"{path}: stages[{i}].config {st['config']!r} does not exist")
+        src = st.get("from")
+        if src is not None and src.split(":")[0] not in names:
+            raise ValueError(f"{path}: stages[{i}].from {src!r} names no earlier stage (have {names})")
+        names.append(st["name"])
+    return cfg
+
+
+def build_data(spec: dict[str, Any], restart: bool) -> dict[str, Any]:
+    """Every ``data.builds`` entry (skipped when its manifest has the same arguments) and the tokenizer."""
+    from .data.build import run_build
+    from .data.report import log_counts_to_mlflow, manifest_counts
+    from .data.shards import manifest_path, read_manifest, split_urls
+    from .data.tokenizer import conversation_texts, train_tokenizer
+
+    out = Path(spec["dir"])
+    manifests = {}
+    for b in spec.get("builds", []):
+        args = argparse.Namespace(
+            source=b["source"], out=str(out), split=b["split"], json_file=b.get("json"), images=b.get("images"),
+            max_samples=b.get("max_samples"), shard_size=b.get("shard_size", 1000), workers=b.get("workers", 0),
+            seed=b.get("seed", 0), image_size=b.get("image_size", 512), tasks=b.get("tasks", "read,count,chart"),
+            max_pixels=b.get("max_pixels", 64_000_000), strict=b.get("strict", False), overwrite=True, no_progress=False,
+        )
+        wanted = {k: v for k, v in vars(args).items() if k != "no_progress"}
+        if not restart and manifest_path(out, b["split"]).is_file():
+            have = read_manifest(out, b["split"])
+            if {k: have["builder"].get(k) for k in wanted} == wanted:
+                print(f"data: {b['split']} already built ({have['written']} samples), kept")
+                log_counts_to_mlflow(f"data/{b['split']}", manifest_counts(have))
+                manifests[b["split"]] = have
+                continue
+        run_build(args)
+        manifests[b["split"]] = read_manifest(out, b["split"])
+    tok = spec.get("tokenizer")
+    if tok:
+        tok_dir = out / "tokenizer"
+        if restart or not (tok_dir / "tokenizer.json").is_file():
+            urls = [u for s in tok["splits"] for u in split_urls(out, s)]
+            t = train_tokenizer(conversation_texts(urls), tok_dir, tok.get("vocab_size", 512))
+            print(f"data: tokenizer with {len(t)} tokens -> {tok_dir}")
+    return manifests
+
+
+def stage_args(stage: dict[str, Any], out: Path, experiment: str, done: dict[str, Path]) -> list[str]:
+    """``visor fit`` arguments of a stage: its config, its run directory, and the hand-over from ``from``."""
+    args = ["fit", "--config", stage["config"], "--trainer.default_root_dir", str(out / stage["name"]),
+            "--experiment", experiment, "--run_name", stage["name"]]
+    src = stage.get("from")
+    if src is not None:
+        name, _, kind = src.partition(":")
+        if kind == "hf":  # a dense base exported as a LLaVA-OneVision directory: loaded as a user would
+            args += ["--model.init_args.backbone.pretrained", str(done[name] / "hf")]
+        else:
+            args += ["--model.init_args.init_from", str(done[name] / "weights")]
+    for k, v in (stage.get("args") or {}).items():
+        args += [f"--{k}", str(v)]
+    return args
+
+
+def pipeline_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="visor pipeline", description=__doc__)
+    p.add_argument("--config", required=True, help="pipeline YAML (experiments/debug/pipeline.yaml)")
+    p.add_argument("--restart", action="store_true", help="rebuild data and rerun stages that already finished")
+    p.add_argument("--only-data", action="store_true", help="build the data and stop")
+    p.add_argument("--stage-args", default="", help="extra `visor fit` arguments for every stage, e.g. "
+                   "\"--trainer.max_steps 20 --data.batches_per_epoch 20\" for a quick check")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_pipeline(args.config)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"visor pipeline: error: {e}")
+        return 2
+    return run_pipeline(cfg, restart=args.restart, only_data=args.only_data, extra=shlex.split(args.stage_args))
+
+
+def run_pipeline(cfg: dict[str, Any], restart: bool = False, only_data: bool = False, extra: list[str] | None = None) -> int:
+    import mlflow
+
+    from .lit.cli import run_cli
+
+    out = Path(cfg["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    experiment = cfg.get("experiment", "visor-pipeline")
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_experiment(experiment)
+    parent_file = out / "mlflow_parent_run_id"
+    parent_id = parent_file.read_text().strip() if parent_file.is_file() and not restart else None
+    t0 = time.perf_counter()
+    with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else "pipeline") as parent:
+        parent_file.write_text(parent.info.run_id)
+        mlflow.set_tags({"stage": "pipeline"})
+        if cfg.get("data"):
+            build_data(cfg["data"], restart)  # counts go to this parent run
+        if only_data:
+            return 0
+        os.environ[PARENT_ENV] = parent.info.run_id
+        done: dict[str, Path] = {}
+        timings: dict[str, float] = {}
+        try:
+            for st in cfg["stages"]:
+                root = out / st["name"]
+                if not restart and (root / "weights" / "visor.json").is_file():
+                    print(f"== stage {st['name']}: finished earlier ({root}/weights), kept")
+                else:
+                    if restart and root.exists():
+                        shutil.rmtree(root)
+                    argv = stage_args(st, out, experiment, done) + list(extra or [])
+                    print(f"== stage {st['name']}: visor {shlex.join(argv)}")
+                    t = time.perf_counter()
+                    run_cli(argv)
+                    timings[st["name"]] = round(time.perf_counter() - t, 1)
+                done[st["name"]] = root
+        finally:
+            os.environ.pop(PARENT_ENV, None)
+        summary = summarize(cfg, out, done)
+        summary["seconds"] = {**timings, "total": round(time.perf_counter() - t0, 1)}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        (out / "summary.md").write_text(summary["table"] + "\n")
+        mlflow.log_artifact(str(out / "summary.md"))
+        mlflow.log_artifact(str(out / "summary.json"))
+        if summary.get("plot"):
+            mlflow.log_artifact(summary["plot"], "plots")
+        for row in summary["rows"]:
+            for s, acc in row["acc"].items():
+                mlflow.log_metric(f"summary/{s}/acc/{_key(row['config'])}", acc)
+    print(summary["table"])
+    print(f"pipeline finished in {summary['seconds']['total']:.0f} s; MLflow: mlflow ui --backend-store-uri {tracking_uri()}")
+    return 0
+
+
+def _key(name: str) -> str:
+    from .lit.metrics import metric_key
+
+    return metric_key(name)
+
+
+def summarize(cfg: dict[str, Any], out: Path, done: dict[str, Path]) -> dict[str, Any]:
+    """One table: dense (the ``summary.dense`` stage), every fixed configuration and each policy (the
+    ``summary.visor`` stages), with accuracy per evaluation set and the prefill-FLOPs saving vs dense."""
+    from visor_lightning.callbacks.mlflow_artifacts import plot_accuracy_vs_flops
+
+    sm = cfg.get("summary") or {}
+    dense_stage = sm.get("dense")
+    visor_stages = sm.get("visor") or [cfg["stages"][-1]["name"]]
+
+    def results(name: str) -> dict[str, Any]:
+        path = done[name] / "eval.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"stage {name} left no eval.json ({path}): did its validation run?")
+        return json.loads(path.read_text())["results"]
+
+    rows: list[dict[str, Any]] = []
+    dense_res: dict[str, dict[str, float]] = {}
+    if dense_stage:
+        r = results(dense_stage)
+        for s, per in r.items():
+            (only,) = per.values()
+            dense_res[s] = only
+        rows.append({"config": "dense", "sa": "all", "acc": {s: v["acc"] for s, v in dense_res.items()},
+                     "gflops": {s: v["gflops"] for s, v in dense_res.items()}, "saving": {s: 1.0 for s in dense_res}})
+    fixed_done = False
+    for st in visor_stages:
+        r = results(st)
+        sets = list(r)
+        for name in r[sets[0]]:
+            if name == "policy":
+                label = f"policy ({st})"
+            elif fixed_done:
+                continue
+            else:
+                label = name
+            sa = "per sample" if name == "policy" else str(name.count(",") + 1 if name != "sa[]" else 0)
+            rows.append({"config": label, "sa": sa, "acc": {s: r[s][name]["acc"] for s in sets},
+                         "gflops": {s: r[s][name]["gflops"] for s in sets},
+                         "saving": {s: (dense_res[s]["gflops"] / r[s][name]["gflops"]) if s in dense_res else r[s][name]["saving"] for s in sets},
+                         "choice": r[sets[0]][name].get("choice")})
+        fixed_done = True
+    sets = list(rows[0]["acc"]) if rows else []
+    head = "| config | SA layers | " + " | ".join(f"{s} acc (%)" for s in sets) + " | prefill GFLOPs/sample | FLOPs saving vs dense |"
+    lines = [head, "|" + "---|" * (4 + len(sets))]
+    for row in rows:
+        g = sum(row["gflops"].values()) / len(row["gflops"])
+        sav = sum(row["saving"].values()) / len(row["saving"])
+        accs = " | ".join(f"{100 * row['acc'][s]:.1f}" for s in sets)
+        lines.append(f"| {row['config']} | {row['sa']} | {accs} | {g:.4f} | {sav:.2f}x |")
+    plot = None
+    if visor_stages:
+        last = results(visor_stages[-1])
+        merged = {s: dict(per) for s, per in last.items()}
+        for st in visor_stages[:-1]:
+            for s, per in results(st).items():
+                if "policy" in per:
+                    merged[s][f"policy ({st})"] = per["policy"]
+        plot = str(plot_accuracy_vs_flops(merged, out / "plots" / "summary_acc_vs_flops.png", "VISOR", dense_res or None))
+    return {"rows": rows, "table": "\n".join(lines), "plot": plot}
