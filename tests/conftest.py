@@ -6,12 +6,16 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
 from visor_lightning.models import LayerSchedule, ScheduleConfig, VisorModel, left_pad, tiny_backbone
 
 torch.set_num_threads(2)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_host(spec, seed: int = 0):
@@ -110,3 +114,52 @@ class DemoShards:
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory) -> DemoShards:
     return DemoShards(tmp_path_factory.mktemp("shards"))
+
+
+# ---- the demo's splits at test size, and the debug pipeline run once on them ---------------------------------
+TINY_STEPS = ("--trainer.max_steps 2 --data.batches_per_epoch 2 --global_batch_size 4 --data.batch_size 4 "
+              "--trainer.log_every_n_steps 1")
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """The demo's splits (same names as runs/demo/data) at test size, built by the pipeline's own builder."""
+    from visor_lightning.pipeline import build_data
+
+    out = tmp_path_factory.mktemp("demo_data")
+    build_data({
+        "dir": str(out),
+        "builds": [
+            {"source": "easy-vqa", "split": "easy_train", "max_samples": 64, "shard_size": 16},
+            {"source": "easy-vqa", "split": "easy_val", "max_samples": 16, "shard_size": 8},
+            {"source": "synthetic", "split": "hard_train", "max_samples": 64, "shard_size": 16, "image_size": 64},
+            {"source": "synthetic", "split": "hard_val", "max_samples": 16, "shard_size": 8, "image_size": 64},
+        ],
+        "tokenizer": {"vocab_size": 400, "splits": ["easy_train", "hard_train"]},
+    }, restart=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(demo_data, tmp_path_factory) -> dict:
+    """experiments/debug/pipeline.yaml end to end at a few steps per stage, into a fresh MLflow store."""
+    out = tmp_path_factory.mktemp("pipeline")
+    from visor_lightning.pipeline import load_pipeline, run_pipeline
+
+    cfg = load_pipeline(ROOT / "experiments/debug/pipeline.yaml")
+    cfg["out"] = str(out)
+    cfg["experiment"] = "visor-test"
+    cfg.pop("data")  # built above (the builder itself is what demo_data used)
+    env = {"VISOR_DATA": str(demo_data), "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        t = time.perf_counter()
+        assert run_pipeline(cfg, extra=TINY_STEPS.split()) == 0
+        seconds = time.perf_counter() - t
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    return {"out": out, "uri": env["MLFLOW_TRACKING_URI"], "seconds": seconds, "data": demo_data}
+
+

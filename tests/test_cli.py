@@ -20,11 +20,30 @@ def test_there_are_configs():
     assert {p.parent.name for p in CONFIGS} >= {"debug", "llava_ov_0.5b"}
 
 
+def _kind(path: Path) -> str:
+    text = path.read_text()
+    if "\nstages:" in text:
+        return "pipeline"
+    if "class_path:" in text:
+        return "stage"
+    return "model"
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_config_is_headed_by_its_command_and_parses(path, capsys):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# visor "), f"{path} must start with the command that runs it"
     assert str(path.relative_to(ROOT)) in first
+    kind = _kind(path)
+    assert first.startswith({"pipeline": "# visor pipeline --config", "stage": "# visor fit --config",
+                             "model": "# visor flops --config"}[kind])
+    if kind == "pipeline":  # stage configs are parsed (and fast_dev_run) in test_train.py
+        from visor_lightning.pipeline import load_pipeline
+
+        assert load_pipeline(path)["stages"]
+        return
+    if kind == "stage":
+        return
     section = load_model_section(path)
     assert section.schedule.num_layers == section.backbone.text.num_layers
     assert main(["flops", "--config", str(path), "--json"]) == 0

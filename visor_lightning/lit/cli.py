@@ -91,7 +91,7 @@ class VisorCLI(LightningCLI):
                                        model=self.model, resume=resume)
         callbacks = list(kwargs.pop("callbacks", None) or [])
         callbacks += [
-            ModelCheckpoint(dirpath=root / "checkpoints", filename="step{step}", save_last=True, save_top_k=1,
+            ModelCheckpoint(dirpath=root / "checkpoints", filename="{step}", save_last=True, save_top_k=1,
                             every_n_train_steps=cfg.checkpoint_every_n_steps),
             RichProgressBar(leave=True),
             DataStats(),
@@ -100,8 +100,7 @@ class VisorCLI(LightningCLI):
         if logger is not None:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         kwargs["callbacks"] = callbacks
-        if logger is not None:
-            kwargs["logger"] = logger
+        kwargs["logger"] = logger if logger is not None else False
         return super().instantiate_trainer(**kwargs)
 
     @staticmethod

@@ -87,7 +87,7 @@ class VisorLitModule(pl.LightningModule):
         self.save_hyperparameters()
         # under LightningCLI, hparams hold the raw config (plain dicts), so the typed objects are kept here
         self.backbone_cfg, self.schedule_cfg = _as_backbone(backbone), _as_schedule(schedule)
-        self.model = self.build_model()
+        self.model = self.build_model().train()  # transformers' from_pretrained leaves modules in eval mode
         parts = list(train_parts) if train_parts is not None else list(self.default_parts)
         unknown = set(parts) - set(PARTS)
         if unknown:

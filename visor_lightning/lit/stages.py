@@ -148,12 +148,15 @@ class Universal(VisorLitModule):
         return {"candidates": {n: sc for n, sc in zip(cand.names, score)}, "full": cand.names[cand.full_config],
                 "tolerance": self.hparams.tolerance, "samples": int(count), "feasible": [list(c) for c in keep]}
 
+    def config_for_step(self, step: int, batch_size: int) -> torch.Tensor:
+        """The configuration ids of optimisation step ``step``: uniform over the feasible set, seeded by
+        (seed, step), so every rank draws the same and a resumed run draws what the lost one would have."""
+        g = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + step)
+        n = batch_size if self.hparams.sample_per == "sample" else 1
+        return torch.randint(len(self.schedule.feasible), (n,), generator=g).expand(batch_size)
+
     def train_config_ids(self, batch: dict[str, Any]) -> torch.Tensor:
-        k = len(self.schedule.feasible)
-        g = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
-        n = batch["input_ids"].shape[0] if self.hparams.sample_per == "sample" else 1
-        ids = torch.randint(k, (n,), generator=g).expand(batch["input_ids"].shape[0])
-        return ids.to(self.device)
+        return self.config_for_step(self.global_step, batch["input_ids"].shape[0]).to(self.device)
 
 
 class PolicyTraining(VisorLitModule):

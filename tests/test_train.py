@@ -1,0 +1,112 @@
+"""Staged training: the stage modules, LightningCLI, the pipeline, MLflow, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from visor_lightning.lit.cli import accumulation, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE_CONFIGS = sorted(p for p in (ROOT / "experiments").rglob("*.yaml") if "class_path" in p.read_text())
+
+
+def test_accumulation_from_global_batch():
+    assert accumulation(128, 8, 4, 2) == 2
+    assert accumulation(None, 8, 4, 1) == 1
+    assert accumulation(64, 8, [0, 1], 1) == 4
+    with pytest.raises(ValueError, match="not a multiple"):
+        accumulation(100, 8, 4, 1)
+
+
+def test_every_stage_config_prints_its_resolved_config(demo_data, monkeypatch, capsys):
+    monkeypatch.setenv("VISOR_DATA", str(demo_data))
+    for path in STAGE_CONFIGS:
+        with pytest.raises(SystemExit) as e:
+            run_cli(["fit", "--config", str(path), "--print_config", "--global_batch_size", "64"])
+        assert e.value.code == 0, path
+        text = capsys.readouterr().out
+        assert "class_path: visor_lightning.lit." in text and "default_root_dir" in text, path
+
+
+def _handover_args(path: Path, pipe: dict) -> list[str]:
+    """Point a stage config at the tiny pipeline's artifacts (and tiny shapes for the 0.5B configs)."""
+    text = path.read_text()
+    out = pipe["out"]
+    args = []
+    if "pretrained:" in text:
+        args += ["--model.init_args.backbone.pretrained", str(out / "base" / "hf")]
+    stage_from = {"FullFinetune": "ca_pretrain", "Universal": "full_finetune", "PolicyTraining": "universal"}
+    for cls, src in stage_from.items():
+        if f"lit.{cls}" in text:
+            args += ["--model.init_args.init_from", str(out / src / "weights")]
+    if "llava_ov_0.5b" in str(path):  # real-size data paths and an 8-CA schedule: swap in the tiny ones
+        d = pipe["data"]
+        args += ["--data.train", str(d / "easy_train-manifest.json"),
+                 "--data.val", json.dumps({"easy": str(d / "easy_val-manifest.json")}),
+                 "--data.num_workers", "0", "--data.max_length", "4096"]
+        if "lit.CAPretrain" in text:
+            args += ["--model.init_args.schedule.num_ca", "2", "--model.init_args.schedule.num_sa", "3"]
+        elif "schedule:" in text:
+            args += ["--model.init_args.schedule", "null"]
+    return args
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", STAGE_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_fast_dev_run_of_every_stage_config(path, tiny_pipeline, monkeypatch, tmp_path):
+    monkeypatch.setenv("VISOR_DATA", str(tiny_pipeline["data"]))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tiny_pipeline["uri"])
+    cli = run_cli(["fit", "--config", str(path), "--trainer.fast_dev_run", "true", "--trainer.default_root_dir",
+                   str(tmp_path), "--data.batch_size", "2", "--global_batch_size", "2", *_handover_args(path, tiny_pipeline)])
+    assert cli.trainer.global_step == 1
+    assert (tmp_path / "weights" / "visor.json").is_file()
+
+
+@pytest.mark.slow
+def test_pipeline_hands_over_and_summarises(tiny_pipeline):
+    out = tiny_pipeline["out"]
+    summary = json.loads((out / "summary.json").read_text())
+    configs = [r["config"] for r in summary["rows"]]
+    assert configs[0] == "dense" and "policy (policy)" in configs and "policy (policy_budget)" in configs
+    assert "| dense | all |" in summary["table"] and (out / "plots" / "summary_acc_vs_flops.png").stat().st_size > 5000
+    universal = json.loads((out / "universal" / "weights" / "visor.json").read_text())
+    assert set(universal["search"]["candidates"]) == {"sa[0]", "sa[0,3]", "sa[0,5]", "sa[0,3,5]"}
+    policy = json.loads((out / "policy" / "weights" / "visor.json").read_text())
+    assert policy["schedule"]["feasible"] == universal["schedule"]["feasible"]
+    # the exported dense base is a real LLaVA-OneVision directory
+    from transformers import LlavaOnevisionConfig
+
+    assert LlavaOnevisionConfig.from_pretrained(out / "base" / "hf").text_config.num_hidden_layers == 6
+
+
+@pytest.mark.slow
+def test_mlflow_holds_params_metrics_plot_and_weights(tiny_pipeline):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tiny_pipeline["uri"])
+    exp = client.get_experiment_by_name("visor-test")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    assert {"pipeline", "base", "ca_pretrain", "full_finetune", "universal", "policy", "policy_budget"} <= set(runs)
+    parent = runs["pipeline"].info.run_id
+    for name in ("base", "ca_pretrain", "universal", "policy"):
+        run = runs[name]
+        assert run.data.tags["mlflow.parentRunId"] == parent and run.data.tags["stage"] in name + "_pretrain"
+        assert run.info.status == "FINISHED"
+        assert run.data.params["model.class_path"].startswith("visor_lightning.lit.")
+        assert "data.batch_size" in run.data.params
+        history = client.get_metric_history(run.info.run_id, "train/loss")
+        assert history and all(torch.isfinite(torch.tensor(m.value)) for m in history)
+        arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config.yaml", "eval.json", "plots", "weights"} <= arts
+        assert {a.path for a in client.list_artifacts(run.info.run_id, "weights")} == {"weights/model.safetensors", "weights/visor.json"}
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/acc_vs_flops.png"]
+    metrics = runs["policy"].data.metrics
+    assert any(k.startswith("val/easy/acc/") for k in metrics) and "val/hard/flops_saving/policy" in metrics
+    assert any(k.startswith("val/easy/policy_share/") for k in metrics)
+    assert "data/read" in runs["base"].data.metrics
+    summary_arts = {a.path for a in client.list_artifacts(parent)}
+    assert {"summary.md", "summary.json", "plots"} <= summary_arts
