@@ -16,7 +16,7 @@ $(BIN)/visor: pyproject.toml
 install: $(BIN)/visor
 
 demo: install
-	HF_HUB_OFFLINE=1 $(BIN)/visor demo --out runs/demo --json runs/demo/result.json
+	HF_HUB_OFFLINE=1 $(BIN)/visor pipeline --config experiments/debug/pipeline.yaml
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra tests

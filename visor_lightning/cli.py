@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="tiny end-to-end run on CPU: build + load a LLaVA-OV checkpoint, VISOR forward/generate, FLOPs",
     )
-    d.add_argument("--out", default="runs/demo", help="working directory (default runs/demo)")
+    d.add_argument("--out", default="runs/model_demo", help="working directory (default runs/model_demo)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--images", type=_positive, default=8, help="easy-vqa images in the batch (default 8)")
     d.add_argument("--repeats", type=_positive, default=7, help="timed repeats per configuration (median kept)")

@@ -42,7 +42,7 @@ def _prompts(questions: list[str], n_vis: list[int], image_token: int) -> tuple[
     return left_pad(rows)
 
 
-def run_demo(out: str = "runs/demo", seed: int = 0, images: int = 8, repeats: int = 7, json_path: str | None = None) -> dict:
+def run_demo(out: str = "runs/model_demo", seed: int = 0, images: int = 8, repeats: int = 7, json_path: str | None = None) -> dict:
     import easy_vqa
     from PIL import Image
     from torch.nn.attention import SDPBackend, sdpa_kernel
