@@ -190,18 +190,24 @@ WORKER_PRELOAD = ["visor_lightning.data.streams", "visor_lightning.data.collate"
 class StreamLoader(DataLoader):
     """DataLoader over a :class:`ShardStream` (batching happens in the stream, so ``batch_size=None``).
 
-    Workers start from a ``forkserver`` by default: forking a process that already runs gloo/OpenMP/tokenizer
-    threads can deadlock inside ``fork()`` (seen with 2 DDP ranks x 2 workers: a worker hung forever and its
-    rank with it). The fork server is single-threaded and has the data modules imported, so workers still
-    start quickly; the stream (and its shared-memory counters) is pickled to them.
+    ``start_method="auto"`` starts workers from a ``forkserver`` once a process group exists: forking a DDP rank
+    that already runs gloo threads can deadlock inside ``fork()`` (seen with 2 ranks x 2 workers: a worker hung
+    forever and its rank with it). The fork server is single-threaded and has the data modules imported, so
+    workers still start quickly; the stream (and its shared-memory counters) is pickled to them. Without a
+    process group it forks, as PyTorch does by default (a forkserver would need a ``__main__`` guard in every
+    user script).
     """
 
-    def __init__(self, stream: ShardStream, num_workers: int = 0, start_method: str = "forkserver", **kwargs: Any) -> None:
+    def __init__(self, stream: ShardStream, num_workers: int = 0, start_method: str = "auto", **kwargs: Any) -> None:
         import multiprocessing as mp
+
+        import torch.distributed as dist
 
         stream.num_workers = num_workers
         context = None
         if num_workers > 0:
+            if start_method == "auto":
+                start_method = "forkserver" if dist.is_available() and dist.is_initialized() else "fork"
             context = mp.get_context(start_method)
             if start_method == "forkserver":
                 context.set_forkserver_preload(WORKER_PRELOAD)

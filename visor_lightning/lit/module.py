@@ -25,19 +25,15 @@ from .metrics import ChoiceCounts, ExactMatch, metric_key, normalize_answer
 PARTS = ("vision", "connector", "cpe", "ca", "lm", "policy")
 
 
+# first matching prefix wins (cpe before the rest of the connector, CA blocks before the rest of the LM)
+_PART_PREFIXES = (("vision.", "vision"), ("connector.cpe.", "cpe"), ("connector.", "connector"),
+                  ("lm.ca_blocks.", "ca"), ("lm.", "lm"), ("policy.", "policy"))
+
+
 def part_of(name: str) -> str:
-    if name.startswith("vision."):
-        return "vision"
-    if name.startswith("connector.cpe."):
-        return "cpe"
-    if name.startswith("connector."):
-        return "connector"
-    if name.startswith("lm.ca_blocks."):
-        return "ca"
-    if name.startswith("lm."):
-        return "lm"
-    if name.startswith("policy."):
-        return "policy"
+    for prefix, part in _PART_PREFIXES:
+        if name.startswith(prefix):
+            return part
     raise ValueError(f"parameter {name!r} belongs to no part")
 
 
