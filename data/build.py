@@ -6,7 +6,7 @@ import argparse
 
 from .report import log_counts_to_mlflow, manifest_counts, summary_line
 from .shards import build_shards, manifest_path
-from .sources import easy_vqa_items, llava_json_items, synthetic_items
+from .sources import easy_vqa_items, easy_vqa_part, llava_json_items, synthetic_items
 from .synthetic import SyntheticConfig
 
 
@@ -17,9 +17,11 @@ def run_build(args: argparse.Namespace) -> int:
             raise ValueError("--source llava-json needs --json FILE and --images DIR")
         total, items = llava_json_items(args.json_file, args.images)
     elif args.source == "easy-vqa":
-        total, items = easy_vqa_items(args.split)
+        total, items = easy_vqa_items(args.split, turns=args.turns, part=args.easy_vqa_split)
+        print(f"easy-vqa: reading its {easy_vqa_part(args.split, args.easy_vqa_split)} split for {args.split!r}")
     else:
-        cfg = SyntheticConfig(image_size=args.image_size, tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()))
+        cfg = SyntheticConfig(image_size=args.image_size, tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+                              turns=args.turns)
         total, items = synthetic_items(args.split, args.seed, args.max_samples or 1000, cfg)
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")

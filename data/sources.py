@@ -59,31 +59,53 @@ def llava_json_items(json_path: str | Path, images: str | Path) -> tuple[int | N
     return len(data), (Item("llava", (rec, str(root)), f"{path}[{i}]") for i, rec in enumerate(data))
 
 
-def easy_vqa_items(split: str) -> tuple[int, Iterator[Item]]:
-    """One sample per easy-vqa question (shape, colour, yes/no). ``train`` reads easy-vqa's train split,
-    anything else its test split."""
+def easy_vqa_part(split: str, part: str | None = None) -> str:
+    """Which easy-vqa split feeds ``split``: ``part`` if given, else "train" for split names containing "train"
+    (train, easy_train, ...) and "test" otherwise, so validation never reads training images."""
+    if part is None:
+        part = "train" if "train" in split else "test"
+    if part not in ("train", "test"):
+        raise ValueError(f"easy-vqa has splits train and test, got {part!r}")
+    return part
+
+
+def easy_vqa_items(split: str, turns: int = 1, part: str | None = None) -> tuple[int, Iterator[Item]]:
+    """easy-vqa questions (shape, colour, yes/no) from easy-vqa's ``easy_vqa_part(split, part)`` split.
+    ``turns > 1`` groups up to that many questions about the same image into one multi-turn sample
+    (more supervision per image forward, as in LLaVA's multi-turn data)."""
     import easy_vqa
 
-    if split == "train":
+    part = easy_vqa_part(split, part)
+    if part == "train":
         qs, answers, image_ids = easy_vqa.get_train_questions()
         paths = easy_vqa.get_train_image_paths()
     else:
         qs, answers, image_ids = easy_vqa.get_test_questions()
         paths = easy_vqa.get_test_image_paths()
-    part = "train" if split == "train" else "test"
+
+    if turns < 1:
+        raise ValueError(f"turns must be >= 1, got {turns}")
+    groups: list[list[int]] = []
+    if turns == 1:
+        groups = [[i] for i in range(len(qs))]
+    else:
+        by_image: dict[int, list[int]] = {}
+        for i, img in enumerate(image_ids):
+            by_image.setdefault(img, []).append(i)
+        for img in sorted(by_image):
+            idx = by_image[img]
+            groups += [idx[k : k + turns] for k in range(0, len(idx), turns)]
 
     def gen() -> Iterator[Item]:
-        for i, (q, a, img) in enumerate(zip(qs, answers, image_ids)):
-            rec = {
-                "id": f"easyvqa-{part}-{i:06d}",
-                "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}],
-                "source": "easy-vqa",
-                "subset": "easy",
-                "image": paths[img],
-            }
-            yield Item("file", rec, f"easy-vqa {part}[{i}]")
+        for g in groups:
+            conv = []
+            for j, i in enumerate(g):
+                conv += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + qs[i]}, {"from": "gpt", "value": answers[i]}]
+            rec = {"id": f"easyvqa-{part}-{g[0]:06d}", "conversations": conv, "source": "easy-vqa", "subset": "easy",
+                   "image": paths[image_ids[g[0]]]}
+            yield Item("file", rec, f"easy-vqa {part}[{g[0]}]")
 
-    return len(qs), gen()
+    return len(groups), gen()
 
 
 def synthetic_items(split: str, seed: int, count: int, cfg: SyntheticConfig) -> tuple[int, Iterator[Item]]:

@@ -27,6 +27,7 @@ class SyntheticConfig:
     tasks: tuple[str, ...] = TASKS
     max_count: int = 9
     num_bars: int = 5
+    turns: int = 1  # questions per image (a multi-turn sample)
 
     def __post_init__(self) -> None:
         unknown = set(self.tasks) - set(TASKS)
@@ -34,8 +35,8 @@ class SyntheticConfig:
             raise ValueError(f"synthetic tasks must be a non-empty subset of {TASKS}, got {list(self.tasks)}")
         if self.image_size < 32:
             raise ValueError(f"synthetic image_size must be >= 32, got {self.image_size}")
-        if not 1 <= self.max_count <= 20 or not 2 <= self.num_bars <= 8:
-            raise ValueError("synthetic max_count must be in 1..20 and num_bars in 2..8")
+        if not 1 <= self.max_count <= 20 or not 2 <= self.num_bars <= 8 or self.turns < 1:
+            raise ValueError("synthetic max_count must be in 1..20, num_bars in 2..8, turns >= 1")
 
 
 def _rng(seed: int, split: str, index: int) -> random.Random:
@@ -47,7 +48,10 @@ def _font(px: int) -> ImageFont.ImageFont:
     return ImageFont.load_default(size=max(6, px))
 
 
-def _read(rng: random.Random, s: int) -> tuple[Image.Image, str, str]:
+QA = list[tuple[str, str]]  # every question the image answers, with its answer
+
+
+def _read(rng: random.Random, s: int) -> tuple[Image.Image, QA]:
     img = Image.new("RGB", (s, s), (250, 250, 245))
     d = ImageDraw.Draw(img)
     cell = s // 3
@@ -61,11 +65,11 @@ def _read(rng: random.Random, s: int) -> tuple[Image.Image, str, str]:
         x = c * cell + rng.randint(cell // 8, cell // 2)
         y = r * cell + rng.randint(cell // 8, cell // 2)
         d.text((x, y), str(n), fill=(20, 20, 20), font=font)
-    target = rng.randrange(9)
-    return img, f"What number is written in the {POSITIONS[target]} cell?", str(numbers[target])
+    qa = [(f"What number is written in the {POSITIONS[t]} cell?", str(numbers[t])) for t in range(9)]
+    return img, qa
 
 
-def _count(rng: random.Random, s: int, max_count: int) -> tuple[Image.Image, str, str]:
+def _count(rng: random.Random, s: int, max_count: int) -> tuple[Image.Image, QA]:
     img = Image.new("RGB", (s, s), (255, 255, 255))
     d = ImageDraw.Draw(img)
     colour, distractor = rng.sample(sorted(COLOURS), 2)
@@ -85,10 +89,11 @@ def _count(rng: random.Random, s: int, max_count: int) -> tuple[Image.Image, str
         placed.append((x, y))
         box = [x - radius, y - radius, x + radius, y + radius]
         (d.ellipse if shape == "circle" else d.rectangle)(box, fill=COLOURS[col])
-    return img, f"How many {colour} circles are there?", str(k)
+    circles = {c: sum(1 for shape, col in items if shape == "circle" and col == c) for c in (colour, distractor)}
+    return img, [(f"How many {c} circles are there?", str(n)) for c, n in circles.items()]
 
 
-def _chart(rng: random.Random, s: int, num_bars: int) -> tuple[Image.Image, str, str]:
+def _chart(rng: random.Random, s: int, num_bars: int) -> tuple[Image.Image, QA]:
     img = Image.new("RGB", (s, s), (255, 255, 255))
     d = ImageDraw.Draw(img)
     font = _font(s // 20)
@@ -105,26 +110,29 @@ def _chart(rng: random.Random, s: int, num_bars: int) -> tuple[Image.Image, str,
         x0 = left + i * slot + slot * 0.2
         d.rectangle([x0, bottom - v * unit, x0 + slot * 0.6, bottom], fill=(70, 110, 200))
         d.text((x0 + slot * 0.22, bottom + s // 80), "ABCDEFGH"[i], fill=(0, 0, 0), font=font)
-    target = rng.randrange(num_bars)
-    return img, f"What is the value of bar {'ABCDEFGH'[target]}?", str(values[target])
+    return img, [(f"What is the value of bar {'ABCDEFGH'[t]}?", str(v)) for t, v in enumerate(values)]
 
 
 def make_sample(cfg: SyntheticConfig, seed: int, split: str, index: int) -> tuple[dict, Image.Image]:
-    """Sample ``index`` of ``split``: (LLaVA record, RGB image). Pure function of its arguments."""
+    """Sample ``index`` of ``split``: (LLaVA record, RGB image). Pure function of its arguments.
+
+    ``cfg.turns`` questions about the same image (distinct, in random order) make a multi-turn conversation."""
     rng = _rng(seed, split, index)
     task = cfg.tasks[index % len(cfg.tasks)]
     if task == "read":
-        img, q, a = _read(rng, cfg.image_size)
+        img, qa = _read(rng, cfg.image_size)
     elif task == "count":
-        img, q, a = _count(rng, cfg.image_size, cfg.max_count)
+        img, qa = _count(rng, cfg.image_size, cfg.max_count)
     else:
-        img, q, a = _chart(rng, cfg.image_size, cfg.num_bars)
+        img, qa = _chart(rng, cfg.image_size, cfg.num_bars)
+    picked = rng.sample(qa, min(cfg.turns, len(qa)))
+    conv = []
+    for j, (q, a) in enumerate(picked):
+        conv += [{"from": "human", "value": (f"{IMAGE_PLACEHOLDER}\n" if j == 0 else "") + f"{q} Answer with a number."},
+                 {"from": "gpt", "value": a}]
     record = {
         "id": f"synthetic-{split}-{index:07d}",
-        "conversations": [
-            {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{q} Answer with a number."},
-            {"from": "gpt", "value": a},
-        ],
+        "conversations": conv,
         "source": "synthetic",
         "subset": "hard",
         "task": task,

@@ -160,3 +160,38 @@ def test_build_counts_go_to_the_active_mlflow_run(tmp_path):
         assert got["data/test/written"] == 5 and got["data/test/input"] == 5
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_multi_turn_groups_questions_about_one_image(tmp_path):
+    import easy_vqa
+
+    total, items = easy_vqa_items("test", turns=3)
+    m = build_shards(items, tmp_path, "mt", total=total, shard_size=50, max_samples=40, progress=False)
+    qs, answers, image_ids = easy_vqa.get_test_questions()
+    got = list(read_samples(split_urls(tmp_path, "mt"), SkipStats()))
+    assert len(got) == m["written"] == 40
+    for ex in got:
+        turns = ex.conv.turns
+        assert 2 <= len(turns) <= 6 and turns[0][1].startswith("<image>\n")
+        first = int(ex.conv.id.rsplit("-", 1)[1])
+        img = image_ids[first]
+        pairs = [(turns[i][1].removeprefix("<image>\n"), turns[i + 1][1]) for i in range(0, len(turns), 2)]
+        want = {(qs[i], answers[i]) for i in range(len(qs)) if image_ids[i] == img}
+        assert set(pairs) <= want  # every turn is a question about this sample's image, with its answer
+    cfg = SyntheticConfig(image_size=64, turns=3)
+    for i in range(6):
+        rec, _ = make_sample(cfg, 0, "train", i)
+        humans = [t["value"] for t in rec["conversations"] if t["from"] == "human"]
+        assert 2 <= len(humans) <= 3 and len(set(humans)) == len(humans) and humans[0].startswith("<image>\n")
+
+
+def test_easy_vqa_validation_never_reads_training_images():
+    from visor_lightning.data.sources import easy_vqa_part
+
+    assert easy_vqa_part("train") == easy_vqa_part("easy_train") == "train"
+    assert easy_vqa_part("easy_val") == easy_vqa_part("test") == easy_vqa_part("val") == "test"
+    assert easy_vqa_part("easy_val", "train") == "train"
+    _, train = easy_vqa_items("easy_train")
+    _, val = easy_vqa_items("easy_val")
+    first_train, first_val = next(train).payload["image"], next(val).payload["image"]
+    assert "/train/" in first_train and "/test/" in first_val

@@ -83,6 +83,9 @@ def _add_data_parsers(sub) -> None:
     b.add_argument("--seed", type=int, default=0, help="synthetic: generator seed")
     b.add_argument("--image-size", type=_positive, default=512, help="synthetic: canvas side in pixels (default 512)")
     b.add_argument("--tasks", default="read,count,chart", help="synthetic: comma-separated tasks (default read,count,chart)")
+    b.add_argument("--easy-vqa-split", choices=["train", "test"], default=None,
+                   help="easy-vqa: which of its splits to read (default: train if the split name contains 'train')")
+    b.add_argument("--turns", type=_positive, default=1, help="easy-vqa/synthetic: questions per image in one multi-turn sample")
     b.add_argument("--max-pixels", type=_positive, default=64_000_000, help="skip images with more pixels (default 64M)")
     b.add_argument("--strict", action="store_true", help="raise on the first bad sample instead of skipping it")
     b.add_argument("--overwrite", action="store_true", help="replace an existing split in --out")

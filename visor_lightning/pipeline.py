@@ -62,6 +62,7 @@ def build_data(spec: dict[str, Any], restart: bool) -> dict[str, Any]:
             source=b["source"], out=str(out), split=b["split"], json_file=b.get("json"), images=b.get("images"),
             max_samples=b.get("max_samples"), shard_size=b.get("shard_size", 1000), workers=b.get("workers", 0),
             seed=b.get("seed", 0), image_size=b.get("image_size", 512), tasks=b.get("tasks", "read,count,chart"),
+            turns=b.get("turns", 1), easy_vqa_split=b.get("easy_vqa_split"),
             max_pixels=b.get("max_pixels", 64_000_000), strict=b.get("strict", False), overwrite=True, no_progress=False,
         )
         wanted = {k: v for k, v in vars(args).items() if k != "no_progress"}
