@@ -166,7 +166,8 @@ class PolicyTraining(VisorLitModule):
         objective: "pseudo_label" (the paper: per sample, the cheapest configuration whose answer-token accuracy
             is >= ``label_threshold`` x the maximal one's; cross-entropy) or "budget" (task loss of the chosen
             configuration via Gumbel-softmax straight-through, plus ``budget_weight`` x the squared relative
-            gap between the batch's mean prefill cost and ``1 / target_savings`` of dense).
+            gap between the batch's mean prefill cost of the argmax choices, straight-through, and
+            ``1 / target_savings`` of dense).
         target_savings: budget objective: the average prefill-FLOPs saving vs dense to aim for.
         gumbel_tau: Gumbel-softmax temperature.
     """
@@ -197,8 +198,9 @@ class PolicyTraining(VisorLitModule):
         return super().eval_targets() + [POLICY]
 
     def per_config(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Frozen backbone, every configuration: answer loss [K, B], answer-token accuracy [K, B] and the
-        relative prefill cost vs dense [B, K]."""
+        """Frozen backbone, every configuration: answer loss [K, B], answer-token accuracy [K, B] (teacher-forced
+        on the whole conversation) and the relative prefill cost vs dense [B, K] of the *prompt*, which is what
+        inference prefills (multi-turn answers are not part of it)."""
         bs, k = batch["input_ids"].shape[0], len(self.schedule.feasible)
         losses, accs, costs = [], [], []
         with torch.no_grad():
@@ -208,15 +210,16 @@ class PolicyTraining(VisorLitModule):
                 loss, acc = self.model.answer_scores(out.logits, self.model.text_targets(batch["labels"], out.lm.streams.text_idx))
                 losses.append(loss)
                 accs.append(acc)
-                f, d = self.flops_per_sample(batch["input_ids"], batch["attention_mask"], ids, routed=True)
+                f, d = self.flops_per_sample(batch["prompt_ids"], batch["prompt_mask"], ids, routed=True)
                 costs.append((f / d).to(self.device, torch.float32))
         return torch.stack(losses), torch.stack(accs), torch.stack(costs, dim=1)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         h = self.hparams
         losses, accs, cost = self.per_config(batch)
-        embeds, is_vis = self.model.embed(batch["input_ids"], batch["pixel_values"], batch["image_sizes"])
-        logits = self.model.lm(embeds, is_vis, batch["attention_mask"], policy=self.model.policy, policy_only=True).policy_logits
+        # the policy sees what it sees at inference: the prompt (no answers of earlier turns leak in)
+        embeds, is_vis = self.model.embed(batch["prompt_ids"], batch["pixel_values"], batch["image_sizes"])
+        logits = self.model.lm(embeds, is_vis, batch["prompt_mask"], policy=self.model.policy, policy_only=True).policy_logits
         bs = logits.shape[0]
         if h.objective == "pseudo_label":
             full = accs[self.schedule.full_config]
@@ -226,9 +229,13 @@ class PolicyTraining(VisorLitModule):
             chosen = labels
             self.log("train/label_mean_cost", cost.gather(1, labels[:, None]).mean(), batch_size=bs)
         else:
+            # the task term explores (Gumbel noise); the budget term prices the noise-free argmax, i.e. exactly
+            # what inference will choose (a budget met only in expectation over noise collapses at argmax)
             y = F.gumbel_softmax(logits, tau=h.gumbel_tau, hard=True)
+            soft = F.softmax(logits / h.gumbel_tau, dim=-1)
+            y_det = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(soft) - soft.detach() + soft
             task = (y * losses.T).sum(1).mean()
-            mean_cost = (y * cost).sum(1).mean()
+            mean_cost = (y_det * cost).sum(1).mean()
             target = 1.0 / h.target_savings
             penalty = ((mean_cost - target) / target) ** 2
             loss = task + h.budget_weight * penalty
@@ -236,5 +243,5 @@ class PolicyTraining(VisorLitModule):
             self.log_dict({"train/task_loss": task, "train/mean_cost": mean_cost, "train/budget_penalty": penalty,
                            "train/target_cost": target}, batch_size=bs)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log_flops("train", batch["input_ids"], batch["attention_mask"], chosen, routed=True)
+        self.log_flops("train", batch["prompt_ids"], batch["prompt_mask"], chosen, routed=True)
         return loss
