@@ -44,7 +44,6 @@ class Streams:
         b, n = is_visual.shape
         dev = is_visual.device
         attn = attention_mask.bool()
-        idx = torch.arange(n, device=dev).expand(b, n)
         n_text = (~is_visual).sum(1)
         n_vis = is_visual.sum(1)
         nt, nv = int(n_text.max()), int(n_vis.max())
