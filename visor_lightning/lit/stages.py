@@ -24,6 +24,18 @@ from visor_lightning.models import LayerSchedule
 from .module import POLICY, VisorLitModule
 
 
+def answer_scores_per_config(model, batch: dict[str, Any], configs) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(answer loss [B], answer-token accuracy [B]) for each configuration id, teacher-forced. The images are
+    encoded once; only the language model runs per configuration."""
+    embeds, is_vis = model.embed(batch["input_ids"], batch["pixel_values"], batch["image_sizes"])
+    bs = embeds.shape[0]
+    out = []
+    for c in configs:
+        lm = model.lm(embeds, is_vis, batch["attention_mask"], config_ids=torch.full((bs,), c, device=embeds.device))
+        out.append(model.answer_scores(lm.logits, model.text_targets(batch["labels"], lm.streams.text_idx)))
+    return out
+
+
 class DenseBase(VisorLitModule):
     """Stage 0: every layer is SA (the host model itself), no CA blocks; the positional conv stays zero so the
     result is exactly a LLaVA-OneVision model."""
@@ -132,9 +144,7 @@ class Universal(VisorLitModule):
         for loader in dm.val_dataloader():
             for batch in itertools.islice(loader, self.hparams.search_batches):
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                for c in range(len(cand.feasible)):
-                    out = self.forward_batch(batch, torch.full((batch["input_ids"].shape[0],), c, device=device))
-                    _, acc = self.model.answer_scores(out.logits, self.model.text_targets(batch["labels"], out.lm.streams.text_idx))
+                for c, (_, acc) in enumerate(answer_scores_per_config(self.model, batch, range(len(cand.feasible)))):
                     hits[c] += acc.sum()
                 count += batch["input_ids"].shape[0]
         self.model.train(was_training)
@@ -204,10 +214,10 @@ class PolicyTraining(VisorLitModule):
         bs, k = batch["input_ids"].shape[0], len(self.schedule.feasible)
         losses, accs, costs = [], [], []
         with torch.no_grad():
+            scores = answer_scores_per_config(self.model, batch, range(k))
             for c in range(k):
                 ids = torch.full((bs,), c, device=self.device)
-                out = self.forward_batch(batch, ids)
-                loss, acc = self.model.answer_scores(out.logits, self.model.text_targets(batch["labels"], out.lm.streams.text_idx))
+                loss, acc = scores[c]
                 losses.append(loss)
                 accs.append(acc)
                 f, d = self.flops_per_sample(batch["prompt_ids"], batch["prompt_mask"], ids, routed=True)
