@@ -171,8 +171,11 @@ class ShardStream(IterableDataset):
                 wds.batched(self.batch_size, collation_fn=self.collate, partial=False),
             ]
             return wds.DataPipeline(*stages).with_epoch(self.batches_per_worker)
+        mine = self.urls[rank::world]  # split by node (as wds.split_by_node, with the rank passed in)
+        if not mine:  # fewer shards than ranks: this rank has nothing to evaluate
+            return iter(())
         stages = [
-            wds.SimpleShardList(self.urls[rank::world]),  # split by node (as wds.split_by_node, explicit rank)
+            wds.SimpleShardList(mine),
             wds.split_by_worker,
             lambda src: read_samples(src, self.stats, self.max_pixels),
             self._encoded,

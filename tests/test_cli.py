@@ -24,8 +24,10 @@ def _kind(path: Path) -> str:
     text = path.read_text()
     if "\nstages:" in text:
         return "pipeline"
-    if "class_path:" in text:
+    if "class_path: visor_lightning.lit." in text:
         return "stage"
+    if "\nmodel:" not in text:
+        return "fragment"  # e.g. experiments/base/ddp.yaml, added to a stage's --config
     return "model"
 
 
@@ -36,13 +38,13 @@ def test_every_config_is_headed_by_its_command_and_parses(path, capsys):
     assert str(path.relative_to(ROOT)) in first
     kind = _kind(path)
     assert first.startswith({"pipeline": "# visor pipeline --config", "stage": "# visor fit --config",
-                             "model": "# visor flops --config"}[kind])
+                             "fragment": "# visor fit --config", "model": "# visor flops --config"}[kind])
     if kind == "pipeline":  # stage configs are parsed (and fast_dev_run) in test_train.py
         from visor_lightning.pipeline import load_pipeline
 
         assert load_pipeline(path)["stages"]
         return
-    if kind == "stage":
+    if kind in ("stage", "fragment"):  # parsed by LightningCLI in test_train.py / test_stages.py
         return
     section = load_model_section(path)
     assert section.schedule.num_layers == section.backbone.text.num_layers

@@ -227,3 +227,18 @@ def test_bench_data_reports_loader_and_training_rates(shards, capsys):
         assert r["samples_per_s"] > 0 and r["train_fed_samples_per_s"] > 0
         assert r["loader_over_train"] == pytest.approx(r["samples_per_s"] / res["train_samples_per_s_preloaded"], rel=0.02)
     assert res["visual_tokens_per_sample"] == shards.spec.visual_tokens(64, 64)
+
+
+def test_a_rank_without_shards_reads_nothing(shards):
+    """Fewer eval shards than ranks: the extra rank yields no batches instead of failing."""
+    from visor_lightning.data.streams import ShardStream
+
+    dm = VisorDataModule(val={"one": shards.hard_urls[0]}, tokenizer=shards.tokenizer_dir, backbone=shards.spec,
+                         batch_size=8, num_workers=0)
+    dm.setup("validate")
+    stream: ShardStream = dm.val_dataloader()[0].dataset
+    seen = []
+    for rank in (0, 1):
+        stream.rank, stream.world_size = rank, 2
+        seen.append([i for b in stream for i in b["id"]])
+    assert len(seen[0]) == 20 and seen[1] == []

@@ -131,3 +131,26 @@ def test_sigkill_then_resume_finishes_in_the_same_mlflow_run(tiny_pipeline, tmp_
     steps = sorted({m.step for m in client.get_metric_history(run_id, "train/loss")})
     assert steps[0] < killed_at and steps[-1] >= 38  # one run: logged before the kill and after the resume
     assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+@pytest.mark.slow
+def test_universal_stage_trains_under_ddp_with_two_ranks(tiny_pipeline, tmp_path):
+    """`visor fit` with experiments/base/ddp.yaml, 2 gloo ranks: skipped layers leave unused parameters, and
+    validation shards split unevenly (1 shard per set, 2 ranks) without a deadlock."""
+    d = tiny_pipeline["data"]
+    env = {**os.environ, "VISOR_DATA": str(d), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "OMP_NUM_THREADS": "1"}
+    root = tmp_path / "run"
+    args = [sys.executable, "-m", "visor_lightning", "fit", "--config", str(ROOT / "experiments/debug/stage3_universal.yaml"),
+            "--config", str(ROOT / "experiments/base/ddp.yaml"), "--trainer.devices", "2",
+            "--model.init_args.init_from", str(tiny_pipeline["out"] / "full_finetune" / "weights"),
+            "--trainer.default_root_dir", str(root), "--trainer.max_steps", "4", "--data.batches_per_epoch", "4",
+            "--data.batch_size", "2", "--global_batch_size", "4", "--data.num_workers", "1",
+            "--data.val.easy", str(d / "easy_val-000000.tar"), "--data.val.hard", str(d / "hard_val-000000.tar")]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in done.stderr + done.stdout
+    meta = json.loads((root / "weights" / "visor.json").read_text())
+    assert meta["global_step"] == 4  # accumulation 4 / (2 x 2 ranks) = 1
+    results = json.loads((root / "eval.json").read_text())["results"]
+    assert set(results) == {"easy", "hard"} and len(results["easy"]) == len(meta["schedule"]["feasible"])

@@ -11,13 +11,15 @@ import torch
 from visor_lightning.lit.cli import accumulation, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE_CONFIGS = sorted(p for p in (ROOT / "experiments").rglob("*.yaml") if "class_path" in p.read_text())
+STAGE_CONFIGS = sorted(p for p in (ROOT / "experiments").rglob("*.yaml") if "class_path: visor_lightning.lit." in p.read_text())
 
 
 def test_accumulation_from_global_batch():
     assert accumulation(128, 8, 4, 2) == 2
     assert accumulation(None, 8, 4, 1) == 1
     assert accumulation(64, 8, [0, 1], 1) == 4
+    assert accumulation(64, 8, "2", 1) == 4 and accumulation(64, 8, "0,1", 1) == 4  # the CLI passes strings
+    assert accumulation(64, 8, "auto", 1) == 64 // 8 // (torch.cuda.device_count() or 1)
     with pytest.raises(ValueError, match="not a multiple"):
         accumulation(100, 8, 4, 1)
 

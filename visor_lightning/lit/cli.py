@@ -28,11 +28,28 @@ def default_precision() -> str:
     return "32-true"
 
 
+def count_devices(devices: Any) -> int:
+    """Lightning's ``devices`` (2, "2", [0, 1], "0,1", "auto", -1) as a count on this machine."""
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if isinstance(devices, str):
+        text = devices.strip()
+        if "," in text:
+            return len([d for d in text.split(",") if d.strip()])
+        if text.lstrip("-").isdigit():
+            devices = int(text)
+    if devices == "auto" or devices == -1:
+        return torch.cuda.device_count() or 1
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    raise ValueError(f"trainer.devices={devices!r}: expected a count, a list of indices, 'auto' or -1")
+
+
 def accumulation(global_batch: int | None, per_device: int, devices: Any, num_nodes: int) -> int:
     """Micro-batches per optimizer step so that batch x devices x nodes x accumulation == global batch."""
     if global_batch is None:
         return 1
-    n_dev = devices if isinstance(devices, int) and devices > 0 else (len(devices) if isinstance(devices, (list, tuple)) else 1)
+    n_dev = count_devices(devices)
     per_step = per_device * n_dev * num_nodes
     if global_batch % per_step:
         raise ValueError(

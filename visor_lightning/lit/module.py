@@ -295,22 +295,25 @@ class VisorLitModule(pl.LightningModule):
         results: dict[str, dict[str, dict[str, float]]] = {}
         for s in self.val_set_names():
             dense = float(self.dense_mean[s].compute())
-            self.log(f"{prefix}/{s}/loss", self.val_loss[s].compute())
-            self.log(f"{prefix}/{s}/gflops/dense", dense / 1e9)
+            # every value below is already summed over ranks by its torchmetric; sync_dist only keeps Lightning
+            # from warning (the ranks hold the same number)
+            log = lambda name, v: self.log(name, v, sync_dist=True)  # noqa: E731
+            log(f"{prefix}/{s}/loss", self.val_loss[s].compute())
+            log(f"{prefix}/{s}/gflops/dense", dense / 1e9)
             results[s] = {}
             for t in self.eval_targets():
                 k = f"{s}|{metric_key(t)}"
                 acc, flops = float(self.em[k].compute()), float(self.flops_mean[k].compute())
                 results[s][t] = {"acc": acc, "gflops": flops / 1e9, "saving": dense / flops if flops else float("nan")}
-                self.log(f"{prefix}/{s}/acc/{metric_key(t)}", acc)
-                self.log(f"{prefix}/{s}/gflops/{metric_key(t)}", flops / 1e9)
-                self.log(f"{prefix}/{s}/flops_saving/{metric_key(t)}", results[s][t]["saving"])
+                log(f"{prefix}/{s}/acc/{metric_key(t)}", acc)
+                log(f"{prefix}/{s}/gflops/{metric_key(t)}", flops / 1e9)
+                log(f"{prefix}/{s}/flops_saving/{metric_key(t)}", results[s][t]["saving"])
             if POLICY in self.eval_targets():
                 counts = self.choice[s].compute()
                 share = counts / counts.sum().clamp_min(1)
                 results[s][POLICY]["choice"] = {n: float(x) for n, x in zip(self.schedule.names, share)}
                 for n, x in zip(self.schedule.names, share):
-                    self.log(f"{prefix}/{s}/policy_share/{metric_key(n)}", x)
+                    log(f"{prefix}/{s}/policy_share/{metric_key(n)}", x)
             self.dense_mean[s].reset()
             self.val_loss[s].reset()
             self.choice[s].reset()
