@@ -154,3 +154,13 @@ def test_universal_stage_trains_under_ddp_with_two_ranks(tiny_pipeline, tmp_path
     assert meta["global_step"] == 4  # accumulation 4 / (2 x 2 ranks) = 1
     results = json.loads((root / "eval.json").read_text())["results"]
     assert set(results) == {"easy", "hard"} and len(results["easy"]) == len(meta["schedule"]["feasible"])
+
+
+def test_init_from_wins_over_a_backbone_and_says_so(tiny_pipeline):
+    from visor_lightning.lit import FullFinetune
+    from visor_lightning.models import tiny_backbone
+
+    weights = tiny_pipeline["out"] / "ca_pretrain" / "weights"
+    with pytest.warns(UserWarning, match="model.backbone is ignored"):
+        module = FullFinetune(init_from=str(weights), backbone=tiny_backbone(vocab_size=1024))
+    assert module.spec.text.vocab_size == json.loads((weights / "visor.json").read_text())["backbone"]["text"]["vocab_size"]

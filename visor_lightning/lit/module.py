@@ -9,6 +9,7 @@ runs (see ``stages.py``).
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,9 @@ class VisorLitModule(pl.LightningModule):
         h = self.hparams
         if h.init_from:
             from .weights import load_weights
+
+            if self.backbone_cfg is not None:
+                warnings.warn(f"[{self.stage}] model.backbone is ignored: init_from={h.init_from} brings its own shapes")
 
             override = self.resolve_schedule(_saved_spec(h.init_from)) if self.schedule_cfg is not None else None
             return load_weights(h.init_from, override)
