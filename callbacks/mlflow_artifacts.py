@@ -28,10 +28,18 @@ def plot_accuracy_vs_flops(results: dict[str, dict[str, dict[str, Any]]], out: P
     sets = list(results)
     fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 4), squeeze=False)
     for ax, s in zip(axes[0], sets):
+        labels: list[tuple[float, float, list[str]]] = []  # points within 1% FLOPs and 0.1 points share a label
         for name, r in results[s].items():
-            marker, size = ("*", 220) if name == "policy" else ("o", 60)
-            ax.scatter(r["gflops"], 100 * r["acc"], marker=marker, s=size, zorder=3)
-            ax.annotate(name, (r["gflops"], 100 * r["acc"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            marker, size = ("*", 220) if name.startswith("policy") else ("o", 60)
+            x, y = r["gflops"], 100 * r["acc"]
+            ax.scatter(x, y, marker=marker, s=size, zorder=3)
+            near = next((lab for lab in labels if abs(lab[0] - x) <= 0.01 * x and abs(lab[1] - y) <= 0.1), None)
+            if near:
+                near[2].append(name)
+            else:
+                labels.append((x, y, [name]))
+        for x, y, names in labels:
+            ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
         if dense and s in dense:
             ax.scatter(dense[s]["gflops"], 100 * dense[s]["acc"], marker="s", s=70, color="black", zorder=3)
             ax.annotate("dense", (dense[s]["gflops"], 100 * dense[s]["acc"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
