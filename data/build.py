@@ -10,8 +10,13 @@ from .sources import easy_vqa_items, easy_vqa_part, llava_json_items, synthetic_
 from .synthetic import SyntheticConfig
 
 
+def builder_args(args: argparse.Namespace) -> dict:
+    """What decides a build's content (recorded in the manifest; the pipeline reuses a split when they match)."""
+    return {k: v for k, v in vars(args).items() if k not in ("command", "data_command", "no_progress", "version")}
+
+
 def run_build(args: argparse.Namespace) -> int:
-    builder_args = {k: v for k, v in vars(args).items() if k not in ("command", "data_command", "no_progress")}
+    recorded = builder_args(args)
     if args.source == "llava-json":
         if not args.json_file or not args.images:
             raise ValueError("--source llava-json needs --json FILE and --images DIR")
@@ -28,7 +33,7 @@ def run_build(args: argparse.Namespace) -> int:
     manifest = build_shards(
         items, args.out, args.split, total=total, shard_size=args.shard_size, workers=args.workers,
         max_samples=args.max_samples, strict=args.strict, max_pixels=args.max_pixels, overwrite=args.overwrite,
-        progress=not args.no_progress, builder_args=builder_args,
+        progress=not args.no_progress, builder_args=recorded,
     )
     print(summary_line(manifest))
     for ex in manifest["skipped_examples"][:5]:

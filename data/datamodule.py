@@ -40,11 +40,10 @@ def resolve_shards(spec: str | list[str], *, field: str = "shards") -> list[str]
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"{field}: expected a shard glob, brace pattern, manifest or URL, got {spec!r}")
     if spec.endswith("-manifest.json"):
-        from .shards import read_manifest
+        from .shards import split_urls
 
         path = Path(spec)
-        split = path.name.removesuffix("-manifest.json")
-        return [str(path.parent / s["name"]) for s in read_manifest(path.parent, split)["shards"]]
+        return split_urls(path.parent, path.name.removesuffix("-manifest.json"))
     if "://" in spec or spec.startswith("pipe:"):
         return list(wds.shardlists.expand_urls(spec))
     if any(c in spec for c in "*?["):

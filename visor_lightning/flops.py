@@ -47,12 +47,7 @@ class Workload:
             return self.visual_tokens
         g = spec.vision.image_size // spec.vision.patch_size
         gh, gw = self.grid
-        rows, cols = gh * g, gw * g
-        max_tiles = int(spec.vision_aspect_ratio.removeprefix("anyres_max_"))
-        ratio = (rows * cols / (max_tiles * g * g)) ** 0.5
-        if ratio > 1.1:
-            rows, cols = int(rows // ratio), int(cols // ratio)
-        return g * g + rows * (cols + 1)
+        return spec.packed_tokens(gh * g, gw * g)
 
     @property
     def crops(self) -> int:

@@ -50,22 +50,16 @@ def load_pipeline(path: str | Path) -> dict[str, Any]:
 
 def build_data(spec: dict[str, Any], restart: bool) -> dict[str, Any]:
     """Every ``data.builds`` entry (skipped when its manifest has the same arguments) and the tokenizer."""
-    from .data.build import run_build
+    from .data.build import builder_args, run_build
     from .data.report import log_counts_to_mlflow, manifest_counts
     from .data.shards import manifest_path, read_manifest, split_urls
     from .data.tokenizer import conversation_texts, train_tokenizer
 
     out = Path(spec["dir"])
     manifests = {}
-    for b in spec.get("builds", []):
-        args = argparse.Namespace(
-            source=b["source"], out=str(out), split=b["split"], json_file=b.get("json"), images=b.get("images"),
-            max_samples=b.get("max_samples"), shard_size=b.get("shard_size", 1000), workers=b.get("workers", 0),
-            seed=b.get("seed", 0), image_size=b.get("image_size", 512), tasks=b.get("tasks", "read,count,chart"),
-            turns=b.get("turns", 1), easy_vqa_split=b.get("easy_vqa_split"),
-            max_pixels=b.get("max_pixels", 64_000_000), strict=b.get("strict", False), overwrite=True, no_progress=False,
-        )
-        wanted = {k: v for k, v in vars(args).items() if k != "no_progress"}
+    for i, b in enumerate(spec.get("builds", [])):
+        args = build_args(b, out, where=f"data.builds[{i}]")
+        wanted = builder_args(args)
         if not restart and manifest_path(out, b["split"]).is_file():
             have = read_manifest(out, b["split"])
             if {k: have["builder"].get(k) for k in wanted} == wanted:
@@ -83,6 +77,24 @@ def build_data(spec: dict[str, Any], restart: bool) -> dict[str, Any]:
             t = train_tokenizer(conversation_texts(urls), tok_dir, tok.get("vocab_size", 512))
             print(f"data: tokenizer with {len(t)} tokens -> {tok_dir}")
     return manifests
+
+
+def build_args(entry: dict[str, Any], out: Path, where: str) -> argparse.Namespace:
+    """A ``data.builds`` entry as the arguments ``visor data build`` would parse (same defaults, same checks):
+    ``{source: synthetic, image_size: 128}`` -> ``--source synthetic --image-size 128``."""
+    from .cli import build_parser
+
+    argv = ["data", "build", "--out", str(out), "--overwrite"]
+    for key, value in entry.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is not False and value is not None:
+            argv += [flag, str(value)]
+    try:
+        return build_parser().parse_args(argv)
+    except SystemExit:  # argparse has printed what is wrong
+        raise ValueError(f"{where}: {entry} is not a valid `visor data build` (see the message above)") from None
 
 
 def stage_args(stage: dict[str, Any], out: Path, experiment: str, done: dict[str, Path]) -> list[str]:
@@ -121,6 +133,7 @@ def run_pipeline(cfg: dict[str, Any], restart: bool = False, only_data: bool = F
     import mlflow
 
     from .lit.cli import run_cli
+    from .lit.metrics import metric_key
 
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
@@ -166,16 +179,10 @@ def run_pipeline(cfg: dict[str, Any], restart: bool = False, only_data: bool = F
             mlflow.log_artifact(summary["plot"], "plots")
         for row in summary["rows"]:
             for s, acc in row["acc"].items():
-                mlflow.log_metric(f"summary/{s}/acc/{_key(row['config'])}", acc)
+                mlflow.log_metric(f"summary/{s}/acc/{metric_key(row['config'])}", acc)
     print(summary["table"])
     print(f"pipeline finished in {summary['seconds']['total']:.0f} s; MLflow: mlflow ui --backend-store-uri {tracking_uri()}")
     return 0
-
-
-def _key(name: str) -> str:
-    from .lit.metrics import metric_key
-
-    return metric_key(name)
 
 
 def summarize(cfg: dict[str, Any], out: Path, done: dict[str, Path]) -> dict[str, Any]:

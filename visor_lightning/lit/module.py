@@ -329,10 +329,7 @@ class VisorLitModule(pl.LightningModule):
 def _as_backbone(value: BackboneSpec | dict | None) -> BackboneSpec | None:
     if value is None or isinstance(value, BackboneSpec):
         return value
-    from visor_lightning.models.spec import TextSpec, VisionSpec
-
-    d = dict(value)
-    return BackboneSpec(**{**d, "text": TextSpec(**(d.get("text") or {})), "vision": VisionSpec(**(d.get("vision") or {}))})
+    return BackboneSpec.from_dict(value)
 
 
 def _as_schedule(value: ScheduleConfig | dict | None) -> ScheduleConfig | None:
@@ -342,9 +339,9 @@ def _as_schedule(value: ScheduleConfig | dict | None) -> ScheduleConfig | None:
 
 
 def _saved_spec(path: str) -> BackboneSpec:
-    from .weights import read_config, spec_from_dict
+    from .weights import read_config
 
-    return spec_from_dict(read_config(Path(path))["backbone"])
+    return BackboneSpec.from_dict(read_config(Path(path))["backbone"])
 
 
 __all__ = ["PARTS", "POLICY", "VisorLitModule", "normalize_answer", "part_of"]

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 
 from visor_lightning.models import BackboneSpec, LayerSchedule, VisorModel
-from visor_lightning.models.spec import TextSpec, VisionSpec
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "visor.json"
@@ -30,10 +29,6 @@ def schedule_to_dict(s: LayerSchedule) -> dict[str, Any]:
 def schedule_from_dict(d: dict[str, Any]) -> LayerSchedule:
     return LayerSchedule(d["num_layers"], tuple(d["ca_layers"]), tuple(d["sa_layers"]), tuple(d["always_on_sa"]),
                          tuple(tuple(c) for c in d["feasible"]))
-
-
-def spec_from_dict(d: dict[str, Any]) -> BackboneSpec:
-    return BackboneSpec(**{**d, "text": TextSpec(**d["text"]), "vision": VisionSpec(**d["vision"])})
 
 
 def save_weights(model: VisorModel, out: str | Path, extra: dict[str, Any] | None = None) -> Path:
@@ -72,7 +67,7 @@ def load_weights(path: str | Path, schedule: LayerSchedule | None = None) -> Vis
     path = Path(path)
     meta = read_config(path)
     saved = schedule_from_dict(meta["schedule"])
-    spec = spec_from_dict(meta["backbone"])
+    spec = BackboneSpec.from_dict(meta["backbone"])
     use = schedule or saved
     if (use.ca_layers, use.sa_layers) != (saved.ca_layers, saved.sa_layers):
         raise ValueError(f"{path}: saved schedule {saved.describe()} has other CA/SA layers than {use.describe()}")

@@ -89,6 +89,12 @@ class BackboneSpec:
         else:
             new_w = int(round(width * (rows / height), 7))
             cols -= 2 * ((cols - new_w) // 2)
+        return self.packed_tokens(rows, cols)
+
+    def packed_tokens(self, rows: int, cols: int) -> int:
+        """Tokens of a (rows x cols) unpadded tile-feature grid after AnyRes packing: shrunk when above
+        ``anyres_max_N`` tiles, one newline per row, plus the base crop's g*g."""
+        g = self.vision.image_size // self.vision.patch_size
         max_tiles = int(self.vision_aspect_ratio.removeprefix("anyres_max_"))
         ratio = math.sqrt(rows * cols / (max_tiles * g * g))
         if ratio > 1.1:
@@ -191,6 +197,12 @@ class BackboneSpec:
                 "LlavaOnevisionForConditionalGeneration.save_pretrained (e.g. a downloaded llava-onevision-qwen2-0.5b-ov-hf)"
             )
         return cls.from_hf_config(LlavaOnevisionConfig.from_pretrained(str(path)), pretrained=str(path))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BackboneSpec":
+        """Inverse of :meth:`to_dict`; missing ``text``/``vision`` fields take their defaults."""
+        d = dict(d)
+        return cls(**{**d, "text": TextSpec(**(d.get("text") or {})), "vision": VisionSpec(**(d.get("vision") or {}))})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
