@@ -62,7 +62,19 @@ class MlflowArtifacts(pl.Callback):
         logger = _mlflow(trainer)
         if logger is None or not trainer.is_global_zero:
             return
-        logger.log_hyperparams({k: str(v)[:5000] for k, v in self.params.items()})
+        params = {k: str(v)[:5000] for k, v in self.params.items()}
+        # A resumed run (``--ckpt_path last``, a Slurm requeue) may change settings, e.g. a longer max_steps.
+        # MLflow params are write-once, so changes are kept as tags ``resumed.<key>`` = "old -> new".
+        logged = logger.experiment.get_run(logger.run_id).data.params
+        changed = {k: f"{logged[k]} -> {v}" for k, v in params.items() if k in logged and logged[k] != v}
+        if changed:
+            print(f"[mlflow] resumed run {logger.run_id} with changed settings: "
+                  + ", ".join(f"{k}: {v}" for k, v in changed.items()))
+            for k, v in changed.items():
+                logger.experiment.set_tag(logger.run_id, f"resumed.{k}", v[:5000])
+        new = {k: v for k, v in params.items() if k not in logged}
+        if new:
+            logger.log_hyperparams(new)
         logger.experiment.log_artifact(logger.run_id, str(self.config_yaml))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -77,14 +89,25 @@ class MlflowArtifacts(pl.Callback):
             logger.experiment.log_artifact(logger.run_id, str(self.root / "eval.json"))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        from visor_lightning.lit.weights import _deepspeed_fp32, export_llava_onevision, save_weights
+
+        master = None
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            # ZeRO shards the fp32 master weights over ranks (the module may hold bf16 copies): every rank writes
+            # its shard into a final checkpoint, then rank zero consolidates it into the hand-over weights.
+            final = self.root / "checkpoints" / "final.ckpt"
+            trainer.save_checkpoint(final)
+            if trainer.is_global_zero:
+                state = _deepspeed_fp32(final)["state_dict"]
+                master = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         if not trainer.is_global_zero:
             return
-        from visor_lightning.lit.weights import export_llava_onevision, save_weights
-
         extra = {"stage": pl_module.stage, "global_step": trainer.global_step}
         if getattr(pl_module, "search_result", None):
             extra["search"] = pl_module.search_result
-        weights = save_weights(pl_module.model, self.root / "weights", extra)
+        weights = save_weights(pl_module.model, self.root / "weights", extra, state=master)
         logger = _mlflow(trainer)
         if pl_module.stage == "base":
             dm = trainer.datamodule

@@ -48,8 +48,9 @@ class VisorLitModule(pl.LightningModule):
         backbone: model shapes; ``backbone.pretrained`` loads a local LLaVA-OneVision checkpoint.
         schedule: layer roles (CA / SA candidates / feasible configurations).
         policy_width: hidden width of the policy MLP.
-        init_from: a previous stage's ``weights/`` directory (model.safetensors + visor.json); wins over
-            ``backbone``/``schedule``.
+        init_from: a previous stage's ``weights/`` directory (model.safetensors + visor.json), or one of its
+            checkpoints (a ``.ckpt`` file or a DeepSpeed checkpoint directory, converted to fp32 weights); wins
+            over ``backbone``/``schedule``.
         tokenizer_vocab: for a from-scratch backbone, size its vocabulary and ``<image>`` id to this tokenizer.
         train_parts: parts to train, from vision, connector, cpe, ca, lm, policy (the rest is frozen).
         lr, weight_decay, betas, warmup_steps, min_lr_ratio: AdamW with linear warm-up and cosine decay.
@@ -104,13 +105,13 @@ class VisorLitModule(pl.LightningModule):
     def build_model(self) -> VisorModel:
         h = self.hparams
         if h.init_from:
-            from .weights import load_weights
+            from .weights import load_weights, weights_dir
 
             if self.backbone_cfg is not None:
                 warnings.warn(f"[{self.stage}] model.backbone is ignored: init_from={h.init_from} brings its own shapes")
-
-            override = self.resolve_schedule(_saved_spec(h.init_from)) if self.schedule_cfg is not None else None
-            return load_weights(h.init_from, override)
+            source = weights_dir(h.init_from)  # a weights/ directory, or a .ckpt / DeepSpeed checkpoint converted
+            override = self.resolve_schedule(_saved_spec(source)) if self.schedule_cfg is not None else None
+            return load_weights(source, override)
         spec = self.backbone_cfg or BackboneSpec()
         if spec.pretrained:  # the checkpoint's config.json gives the shapes; the YAML's are not used
             shapes = BackboneSpec.from_pretrained_dir(spec.pretrained)
@@ -122,6 +123,12 @@ class VisorLitModule(pl.LightningModule):
 
             spec = backbone_for_tokenizer(spec, load_tokenizer(h.tokenizer_vocab))
         return VisorModel(spec, self.resolve_schedule(spec), policy_width=h.policy_width, host=None)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints carry ``visor.json``'s content, so any checkpoint can seed the next stage (``init_from``)."""
+        from .weights import weights_meta
+
+        checkpoint["visor"] = weights_meta(self.model)
 
     @property
     def spec(self) -> BackboneSpec:
@@ -338,7 +345,7 @@ def _as_schedule(value: ScheduleConfig | dict | None) -> ScheduleConfig | None:
     return ScheduleConfig(**dict(value))
 
 
-def _saved_spec(path: str) -> BackboneSpec:
+def _saved_spec(path: str | Path) -> BackboneSpec:
     from .weights import read_config
 
     return BackboneSpec.from_dict(read_config(Path(path))["backbone"])

@@ -9,6 +9,8 @@ as to a downloaded checkpoint.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -31,22 +33,106 @@ def schedule_from_dict(d: dict[str, Any]) -> LayerSchedule:
                          tuple(tuple(c) for c in d["feasible"]))
 
 
-def save_weights(model: VisorModel, out: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """``out/model.safetensors`` (fp32, shared tensors handled) + ``out/visor.json``."""
-    from safetensors.torch import save_model
+def weights_meta(model: VisorModel, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What ``visor.json`` holds: enough to rebuild exactly this model (also stored inside checkpoints)."""
+    return {"backbone": asdict(model.backbone), "schedule": schedule_to_dict(model.schedule),
+            "policy_width": model.policy.mlp[0].out_features, **(extra or {})}
+
+
+def fp32_state(model: VisorModel) -> dict[str, torch.Tensor]:
+    """The state dict as standalone fp32 tensors, each tied tensor once (the first name keeps it).
+
+    Cloning matters: DeepSpeed ZeRO flattens parameters into one buffer, and safetensors refuses views.
+    """
+    state, seen = {}, set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        t = t.detach()
+        state[name] = (t.float() if t.is_floating_point() else t).contiguous().clone()
+    return state
+
+
+def save_weights(model: VisorModel, out: str | Path, extra: dict[str, Any] | None = None,
+                 state: dict[str, torch.Tensor] | None = None) -> Path:
+    """``out/model.safetensors`` (fp32; ``state`` overrides the module's own tensors, e.g. the fp32 master
+    weights of a bf16 DeepSpeed run) + ``out/visor.json``."""
+    from safetensors.torch import save_file
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    state_model = model
-    if next(model.parameters()).dtype != torch.float32:
-        import copy
-
-        state_model = copy.deepcopy(model).float()
-    save_model(state_model, str(out / WEIGHTS_FILE))
-    meta = {"backbone": asdict(model.backbone), "schedule": schedule_to_dict(model.schedule),
-            "policy_width": model.policy.mlp[0].out_features, **(extra or {})}
-    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    tensors = fp32_state(model)
+    if state is not None:
+        missing = set(tensors) - set(state)
+        if missing:
+            raise ValueError(f"state for {out} lacks {sorted(missing)[:5]}")
+        tensors = {k: state[k].detach().float().contiguous() if state[k].is_floating_point() else state[k]
+                   for k in tensors}
+    save_file(tensors, str(out / WEIGHTS_FILE))
+    (out / CONFIG_FILE).write_text(json.dumps(weights_meta(model, extra), indent=2))
     return out
+
+
+def is_deepspeed_checkpoint(path: Path) -> bool:
+    return path.is_dir() and (path / "latest").is_file()
+
+
+def weights_dir(path: str | Path) -> Path:
+    """``init_from`` as a weights directory.
+
+    A stage's ``weights/`` is used as is. A Lightning ``.ckpt`` file or a DeepSpeed checkpoint directory (ZeRO
+    shards) is converted once to fp32 weights in ``<checkpoint>.weights/`` beside it; both carry the model's
+    ``visor.json`` content (``VisorLitModule.on_save_checkpoint``). Ranks racing on the conversion each write a
+    private directory and the first rename wins.
+    """
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        return path
+    if not (path.is_file() or is_deepspeed_checkpoint(path)):
+        return path  # read_config names what is missing
+    out = path.with_name(path.name + ".weights")
+    if (out / CONFIG_FILE).is_file() and (out / CONFIG_FILE).stat().st_mtime >= _mtime(path):
+        return out
+    if is_deepspeed_checkpoint(path):
+        ckpt = _deepspeed_fp32(path)
+    else:
+        try:  # Lightning checkpoints hold tensors and plain containers only: no arbitrary unpickling
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"init_from={str(path)!r} is not a readable Lightning checkpoint: {e}") from e
+    if "visor" not in ckpt:
+        raise ValueError(f"init_from={str(path)!r} is a checkpoint without VISOR model metadata ('visor' key): "
+                         "it was not written by a visor stage")
+    prefix = "model."
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    meta = ckpt["visor"]
+    model = VisorModel(BackboneSpec.from_dict(meta["backbone"]), schedule_from_dict(meta["schedule"]),
+                       policy_width=meta["policy_width"], host=None)
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    save_weights(model, tmp, {k: v for k, v in meta.items() if k not in ("backbone", "schedule", "policy_width")},
+                 state=state)
+    if out.exists():
+        shutil.rmtree(out, ignore_errors=True)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another rank renamed first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _mtime(path: Path) -> float:
+    return max(p.stat().st_mtime for p in [path, *path.rglob("*")])
+
+
+def _deepspeed_fp32(path: Path) -> dict[str, Any]:
+    """Consolidate ZeRO shards into fp32 (DeepSpeed's own files are pickles: only open checkpoints you wrote)."""
+    import tempfile
+
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return convert_zero_checkpoint_to_fp32_state_dict(path, Path(tmp) / "fp32.pt")
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
