@@ -176,7 +176,7 @@ class VisorLitModule(pl.LightningModule):
         out = self.forward_batch(batch, ids)
         self.last_layer_calls = out.lm.layer_calls
         bs = batch["input_ids"].shape[0]
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=bs, sync_dist=True)  # mean over ranks
         self.log_flops("train", batch["input_ids"], batch["attention_mask"], ids, routed=False)
         return out.loss
 

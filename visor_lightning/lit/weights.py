@@ -139,9 +139,10 @@ def read_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if (path / CONFIG_FILE).is_file():
         return json.loads((path / CONFIG_FILE).read_text())
+    what = "does not exist" if not path.exists() else f"has no {CONFIG_FILE}"
     raise FileNotFoundError(
-        f"init_from={str(path)!r} has no {CONFIG_FILE}: point it at a stage's weights/ directory "
-        "(model.safetensors + visor.json), or use backbone.pretrained for a LLaVA-OneVision checkpoint"
+        f"init_from={str(path)!r} {what}: point it at a stage's weights/ directory (model.safetensors + "
+        "visor.json) or one of its checkpoints, or use backbone.pretrained for a LLaVA-OneVision checkpoint"
     )
 
 
