@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("fit", "train one stage: visor fit --config experiments/...yaml (LightningCLI; --help there)"),
                        ("validate", "evaluate a stage's model on its validation sets (LightningCLI)"),
                        ("test", "evaluate on the test loaders (LightningCLI)"),
-                       ("pipeline", "all stages in order, weights handed over: visor pipeline --config experiments/debug/pipeline.yaml")):
+                       ("pipeline", "all stages in order, weights handed over: visor pipeline --config experiments/debug/pipeline.yaml"),
+                       ("submit", "one stage as a requeueable Slurm job: visor submit --config X --nodes N --gpus-per-node G")):
         sub.add_parser(name, help=text, add_help=False)
     _add_data_parsers(sub)
     _add_bench_parsers(sub)
@@ -193,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         from .pipeline import pipeline_main
 
         return pipeline_main(argv[1:])
+    if argv and argv[0] == "submit":
+        from .slurm import submit_main
+
+        return submit_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:

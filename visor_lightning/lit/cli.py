@@ -59,6 +59,19 @@ def accumulation(global_batch: int | None, per_device: int, devices: Any, num_no
     return global_batch // per_step
 
 
+def latest_checkpoint(root: Path) -> str | None:
+    """``--ckpt_path last``: the newest of ``checkpoints/last.ckpt`` and the ``hpc_ckpt_<n>.ckpt`` that Lightning
+    writes on a Slurm pre-emption signal; None (a fresh start) when neither exists yet, e.g. a job's first run."""
+    found = [root / "checkpoints" / "last.ckpt", *root.glob("hpc_ckpt_*.ckpt")]
+    found = [p for p in found if p.exists()]
+    if not found:
+        print(f"[visor] --ckpt_path last: no checkpoint in {root} yet, starting from the beginning")
+        return None
+    newest = max(found, key=lambda p: p.stat().st_mtime)
+    print(f"[visor] --ckpt_path last: resuming from {newest}")
+    return str(newest)
+
+
 class VisorCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
         super().__init__(
@@ -88,6 +101,8 @@ class VisorCLI(LightningCLI):
             cfg.trainer.accumulate_grad_batches = accumulation(gbs, cfg.data.batch_size, t.devices, t.num_nodes)
         if not cfg.trainer.get("default_root_dir"):
             cfg.trainer.default_root_dir = "runs/default"
+        if self.subcommand == "fit" and cfg.get("ckpt_path") == "last":
+            cfg.ckpt_path = latest_checkpoint(Path(cfg.trainer.default_root_dir))
 
     def instantiate_trainer(self, **kwargs: Any):
         from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar

@@ -15,11 +15,12 @@ RUN_ID_FILE = "mlflow_run_id"
 PARENT_ENV = "VISOR_PARENT_RUN_ID"
 
 
-def tracking_uri() -> str:
+def tracking_uri(create: bool = True) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     root = Path(os.environ.get("VISOR_RUNS_ROOT", "runs")).resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    if create:
+        root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
@@ -34,14 +35,18 @@ def run_tags(model: Any, stage: str) -> dict[str, str]:
 
 
 def open_stage_logger(root: Path, *, experiment: str, stage: str, run_name: str | None, model: Any, resume: bool):
-    """An MLFlowLogger for this stage; on resume, the run recorded in ``root/mlflow_run_id``."""
+    """An MLFlowLogger for this stage (None on ranks other than zero); on resume, the run recorded in
+    ``root/mlflow_run_id``."""
     from lightning.fabric.utilities.rank_zero import rank_zero_only
     from lightning.pytorch.loggers import MLFlowLogger
 
+    if rank_zero_only.rank != 0:
+        # Only rank zero logs. Ranks started together (srun, torchrun) must not all open a new sqlite store:
+        # MLflow's schema migration races ("table _alembic_tmp_metrics already exists").
+        return None
     id_file = Path(root) / RUN_ID_FILE
     run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
     logger = MLFlowLogger(experiment_name=experiment, tracking_uri=tracking_uri(), run_name=run_name or stage,
                           run_id=run_id, tags=run_tags(model, stage), log_model=False)
-    if rank_zero_only.rank == 0:
-        id_file.write_text(logger.run_id)  # creates the run now, so a crash before the first log still resumes it
+    id_file.write_text(logger.run_id)  # creates the run now, so a crash before the first log still resumes it
     return logger
