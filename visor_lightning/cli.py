@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=text, add_help=False)
     _add_data_parsers(sub)
     _add_bench_parsers(sub)
+    z = sub.add_parser("sizing", help="step time and GPU memory under ZeRO-2 for LLaVA-OV 0.5B/1.5B/7B on 8-64 GPUs "
+                                      "(from the FLOPs model; assumptions printed)")
+    z.add_argument("--json", action="store_true")
 
     d = sub.add_parser(
         "demo",
@@ -172,6 +175,19 @@ def cmd_flops(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sizing(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from .sizing import assumptions, assumptions_markdown, markdown, sizing_rows
+
+    rows = sizing_rows()
+    if args.json:
+        print(json.dumps({"assumptions": assumptions(), "rows": [asdict(r) for r in rows]}, indent=2))
+    else:
+        print(markdown(rows) + "\n\nAssumptions:\n" + assumptions_markdown())
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -205,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(__version__)
         return 0
-    handlers = {"flops": cmd_flops, "demo": cmd_demo, "data": cmd_data, "bench": cmd_bench}
+    handlers = {"flops": cmd_flops, "demo": cmd_demo, "data": cmd_data, "bench": cmd_bench, "sizing": cmd_sizing}
     if args.command not in handlers:
         parser.print_help()
         return 2

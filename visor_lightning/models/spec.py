@@ -91,6 +91,14 @@ class BackboneSpec:
             cols -= 2 * ((cols - new_w) // 2)
         return self.packed_tokens(rows, cols)
 
+    def vision_crops(self, height: int, width: int) -> int:
+        """Crops SigLIP encodes for one image: the base crop plus the AnyRes tile grid it is resized to."""
+        from transformers.image_processing_utils import select_best_resolution
+
+        s = self.vision.image_size
+        best_h, best_w = select_best_resolution((height, width), self.pinpoints())
+        return 1 + (best_h // s) * (best_w // s)
+
     def packed_tokens(self, rows: int, cols: int) -> int:
         """Tokens of a (rows x cols) unpadded tile-feature grid after AnyRes packing: shrunk when above
         ``anyres_max_N`` tiles, one newline per row, plus the base crop's g*g."""
