@@ -89,6 +89,8 @@ class MlflowArtifacts(pl.Callback):
             logger.experiment.log_artifact(logger.run_id, str(self.root / "eval.json"))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if getattr(trainer, "visor_preempted", False):
+            return  # requeued mid-run (callbacks/preemption.py): not the end of this stage
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
         from visor_lightning.lit.weights import _deepspeed_fp32, export_llava_onevision, save_weights

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import signal
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -190,6 +191,26 @@ class ShardStream(IterableDataset):
 WORKER_PRELOAD = ["visor_lightning.data.streams", "visor_lightning.data.collate", "visor_lightning.data.datamodule"]
 
 
+def ignore_preemption_signal(worker_id: int = 0) -> None:
+    """Slurm's ``--signal=SIGUSR1@90`` reaches every process of the job step, workers included, and SIGUSR1's
+    default action kills them. The training process checkpoints on it (callbacks/preemption.py); workers ignore it."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def _start_forkserver_deaf_to_preemption() -> None:
+    """Start the fork server with SIGUSR1 ignored (inherited across its exec), so the signal cannot kill it."""
+    from multiprocessing import forkserver
+
+    try:
+        old = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    except ValueError:  # not the main thread: leave it to the default start
+        return
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+
+
 class StreamLoader(DataLoader):
     """DataLoader over a :class:`ShardStream` (batching happens in the stream, so ``batch_size=None``).
 
@@ -214,6 +235,8 @@ class StreamLoader(DataLoader):
             context = mp.get_context(start_method)
             if start_method == "forkserver":
                 context.set_forkserver_preload(WORKER_PRELOAD)
+                _start_forkserver_deaf_to_preemption()
+            kwargs.setdefault("worker_init_fn", ignore_preemption_signal)
         super().__init__(stream, batch_size=None, num_workers=num_workers, persistent_workers=False,
                          multiprocessing_context=context, **kwargs)
 

@@ -11,7 +11,8 @@ import torch
 from visor_lightning.lit.cli import accumulation, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE_CONFIGS = sorted(p for p in (ROOT / "experiments").rglob("*.yaml") if "class_path: visor_lightning.lit." in p.read_text())
+STAGE_CONFIGS = sorted(p for p in (ROOT / "experiments").rglob("*.yaml")
+                       if "class_path: visor_lightning.lit." in p.read_text() and p.parent.name != "base")  # not fragments
 
 
 def test_accumulation_from_global_batch():

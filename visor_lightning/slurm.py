@@ -10,10 +10,10 @@ YAML cannot change a queued or requeued job:
       job.sbatch    the rendered script; logs/<job id>.out (appended across requeues)
       run/          the stage's run directory: checkpoints, ``mlflow_run_id``, weights, eval
 
-Requeue: ``--signal=SIGUSR1@90`` lets Lightning's SLURM environment write ``run/hpc_ckpt_<n>.ckpt`` and call
-``scontrol requeue``; the restarted job runs ``visor fit --ckpt_path last``, which resumes from the newest of that
-and ``checkpoints/last.ckpt`` (so a requeue without the signal, e.g. ``scontrol requeue`` by an admin or a node
-failure, resumes too) and logs into the same MLflow run (``run/mlflow_run_id``).
+Requeue: ``--signal=SIGUSR1@90`` makes ``callbacks/preemption.py`` write ``run/hpc_ckpt_<n>.ckpt`` on every rank
+at the next batch end and call ``scontrol requeue``; the restarted job runs ``visor fit --ckpt_path last``, which
+resumes from the newest of that and ``checkpoints/last.ckpt`` (so a requeue without the signal, e.g. ``scontrol
+requeue`` by an admin or a node failure, resumes too) and logs into the same MLflow run (``run/mlflow_run_id``).
 """
 
 from __future__ import annotations

@@ -107,7 +107,10 @@ class VisorCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any):
         from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+
         from visor_lightning.callbacks.data_stats import DataStats
+        from visor_lightning.callbacks.preemption import SlurmPreemption, in_slurm_batch_job
         from visor_lightning.callbacks.mlflow_artifacts import MlflowArtifacts
 
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -131,6 +134,10 @@ class VisorCLI(LightningCLI):
         ]
         if logger is not None:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
+        if in_slurm_batch_job():
+            # visor's SIGUSR1 handling replaces Lightning's (which checkpoints inside the signal handler)
+            callbacks.append(SlurmPreemption(root))
+            kwargs["plugins"] = [*(kwargs.get("plugins") or []), SLURMEnvironment(auto_requeue=False)]
         kwargs["callbacks"] = callbacks
         kwargs["logger"] = logger if logger is not None else False
         return super().instantiate_trainer(**kwargs)

@@ -1,0 +1,138 @@
+"""``visor eval``: accuracy and prefill FLOPs per evaluation set, for every fixed configuration and the policy.
+
+It runs a stage config's ``data.val`` sets (one per benchmark or subset) through Lightning's ``validate`` with
+the weights of ``--ckpt``: a stage's ``weights/`` directory, a ``.ckpt`` file or a DeepSpeed checkpoint
+directory. It writes a Markdown table, a JSON document with per-sample records (prediction, reference,
+correctness, configuration, FLOPs), and MLflow metrics. Those go into the run that trained the checkpoint when
+one is found beside it (``mlflow_run_id``) or given (``--run-id``), else into a new ``eval`` run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from visor_lightning.lit.tracking import RUN_ID_FILE
+
+
+def training_run_id(ckpt: Path) -> str | None:
+    """The MLflow run of the stage that wrote ``ckpt`` (its run directory holds ``mlflow_run_id``)."""
+    for d in [ckpt, *ckpt.parents][:4]:
+        f = d / RUN_ID_FILE
+        if f.is_file():
+            return f.read_text().strip()
+    return None
+
+
+def markdown(results: dict[str, dict[str, dict[str, Any]]], dense_gflops: dict[str, float]) -> str:
+    lines = ["| set | target | samples | accuracy % | GFLOPs / sample (mean) | min - max | saving vs dense |",
+             "|---|---|---|---|---|---|---|"]
+    for s, targets in results.items():
+        lines.append(f"| {s} | dense (analytic) | | | {dense_gflops[s]:.3f} | | 1.00x |")
+        for t, r in targets.items():
+            lines.append(f"| {s} | {t} | {r['samples']} | {100 * r['acc']:.1f} | {r['gflops']:.3f} | "
+                         f"{r['gflops_min']:.3f} - {r['gflops_max']:.3f} | {r['saving']:.2f}x |")
+    return "\n".join(lines)
+
+
+def run_eval(config: list[str], ckpt: str, *, targets: str = "all", out: str | None = None, run_id: str | None = None,
+             extra: list[str] | None = None) -> dict[str, Any]:
+    from visor_lightning.lit.cli import VisorCLI
+    from visor_lightning.lit.module import POLICY
+
+    ckpt_path = Path(ckpt)
+    if not ckpt_path.exists():
+        raise FileNotFoundError(f"--ckpt {ckpt}: no such file or directory")
+    out_dir = Path(out) if out else (ckpt_path.parent if ckpt_path.is_dir() else ckpt_path.parent) / "eval"
+    args: list[str] = []
+    for c in config:
+        args += ["--config", c]
+    args += ["--model.init_args.init_from", str(ckpt_path), "--trainer.default_root_dir", str(out_dir),
+             "--trainer.logger", "false", *(extra or [])]
+    cli = VisorCLI(args=args, run=False)
+    module, dm, trainer = cli.model, cli.datamodule, cli.trainer
+    names = module.schedule.names
+    wanted = list(names) if targets == "all" else [t.strip() for t in targets.split(",") if t.strip()]
+    if targets == "all":
+        wanted.append(POLICY)
+    module.hparams.eval_configs = wanted
+    module.eval_targets()  # unknown names fail here, before any data is read
+    module.sample_records = []
+    trainer.validate(module, datamodule=dm)
+
+    records = module.sample_records
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    dense: dict[str, float] = {}
+    for s, targets_ in module.eval_results.items():
+        results[s] = {}
+        rows = [r for r in records if r["set"] == s]
+        dense[s] = sum(r["dense_gflops"] for r in rows) / max(1, len(rows))
+        for t, r in targets_.items():
+            per = [x["gflops"] for x in rows if x["target"] == t]
+            results[s][t] = {**r, "samples": len(per), "gflops_min": min(per, default=0.0),
+                             "gflops_max": max(per, default=0.0)}
+    doc = {"config": config, "ckpt": str(ckpt_path), "schedule": module.schedule.describe(), "results": results,
+           "dense_gflops": dense, "samples": records}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval.json").write_text(json.dumps(doc, indent=2))
+    table = markdown(results, dense)
+    (out_dir / "eval.md").write_text(table + "\n")
+    doc["table"] = table
+    doc["mlflow_run_id"] = log_to_mlflow(results, out_dir, run_id or training_run_id(ckpt_path))
+    return doc
+
+
+def log_to_mlflow(results: dict[str, dict[str, dict[str, Any]]], out_dir: Path, run_id: str | None) -> str:
+    from mlflow import MlflowClient
+
+    from visor_lightning.lit.metrics import metric_key
+    from visor_lightning.lit.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri())
+    if run_id is None:
+        exp = client.get_experiment_by_name("visor-eval") or client.get_experiment(client.create_experiment("visor-eval"))
+        run_id = client.create_run(exp.experiment_id, run_name="eval").info.run_id
+        client.set_terminated(run_id)
+    for s, targets in results.items():
+        for t, r in targets.items():
+            k = metric_key(t)
+            client.log_metric(run_id, f"eval/{s}/acc/{k}", r["acc"])
+            client.log_metric(run_id, f"eval/{s}/gflops/{k}", r["gflops"])
+            client.log_metric(run_id, f"eval/{s}/flops_saving/{k}", r["saving"])
+    client.log_artifact(run_id, str(out_dir / "eval.json"), "eval")
+    client.log_artifact(run_id, str(out_dir / "eval.md"), "eval")
+    return run_id
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="visor eval", description=__doc__.split("\n\n")[0],
+                                epilog="Arguments after `--` go to the stage config, e.g. -- --data.eval_batch_size 8")
+    p.add_argument("--config", action="append", required=True, help="stage YAML whose data.val sets are evaluated")
+    p.add_argument("--ckpt", required=True, help="weights/ directory, .ckpt file or DeepSpeed checkpoint directory")
+    p.add_argument("--configs", default="all", help="'all' (every feasible configuration + policy) or names, comma-separated")
+    p.add_argument("--out", default=None, help="where eval.json / eval.md go (default: <ckpt dir>/eval)")
+    p.add_argument("--run-id", default=None, help="MLflow run to log into (default: the run that wrote --ckpt)")
+    p.add_argument("--json", action="store_true", help="print the JSON document instead of the table")
+    return p
+
+
+def eval_main(argv: list[str]) -> int:
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    a = build_parser().parse_args(argv)
+    try:
+        doc = run_eval(a.config, a.ckpt, targets=a.configs, out=a.out, run_id=a.run_id, extra=extra)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"visor eval: error: {e}", file=sys.stderr)
+        return 2
+    if a.json:
+        print(json.dumps({k: v for k, v in doc.items() if k != "table"}, indent=2))
+    else:
+        print(doc["table"])
+        print(f"\nper-sample records: {Path(a.out or '.')} eval.json; MLflow run {doc['mlflow_run_id']}")
+    return 0
