@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("validate", "evaluate a stage's model on its validation sets (LightningCLI)"),
                        ("test", "evaluate on the test loaders (LightningCLI)"),
                        ("pipeline", "all stages in order, weights handed over: visor pipeline --config experiments/debug/pipeline.yaml"),
+                       ("eval", "accuracy + FLOPs per eval set for every configuration and the policy: visor eval --config X --ckpt C"),
                        ("submit", "one stage as a requeueable Slurm job: visor submit --config X --nodes N --gpus-per-node G")):
         sub.add_parser(name, help=text, add_help=False)
     _add_data_parsers(sub)
@@ -210,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         from .pipeline import pipeline_main
 
         return pipeline_main(argv[1:])
+    if argv and argv[0] == "eval":
+        from .evaluate import eval_main
+
+        return eval_main(argv[1:])
     if argv and argv[0] == "submit":
         from .slurm import submit_main
 

@@ -51,7 +51,7 @@ def run_eval(config: list[str], ckpt: str, *, targets: str = "all", out: str | N
     for c in config:
         args += ["--config", c]
     args += ["--model.init_args.init_from", str(ckpt_path), "--trainer.default_root_dir", str(out_dir),
-             "--trainer.logger", "false", *(extra or [])]
+             "--mlflow", "false", *(extra or [])]
     cli = VisorCLI(args=args, run=False)
     module, dm, trainer = cli.model, cli.datamodule, cli.trainer
     names = module.schedule.names
@@ -80,18 +80,38 @@ def run_eval(config: list[str], ckpt: str, *, targets: str = "all", out: str | N
     (out_dir / "eval.json").write_text(json.dumps(doc, indent=2))
     table = markdown(results, dense)
     (out_dir / "eval.md").write_text(table + "\n")
-    doc["table"] = table
-    doc["mlflow_run_id"] = log_to_mlflow(results, out_dir, run_id or training_run_id(ckpt_path))
+    doc["table"], doc["out"] = table, str(out_dir)
+    doc["mlflow_run_id"] = log_to_mlflow(results, out_dir, run_id, training_run_id(ckpt_path))
     return doc
 
 
-def log_to_mlflow(results: dict[str, dict[str, dict[str, Any]]], out_dir: Path, run_id: str | None) -> str:
+def log_to_mlflow(results: dict[str, dict[str, dict[str, Any]]], out_dir: Path, run_id: str | None,
+                  found: str | None) -> str:
+    """Into ``run_id`` (must exist), else the training run ``found`` beside the checkpoint if this store has it,
+    else a new run in experiment ``visor-eval``."""
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     from visor_lightning.lit.metrics import metric_key
     from visor_lightning.lit.tracking import tracking_uri
 
-    client = MlflowClient(tracking_uri())
+    uri = tracking_uri()
+    client = MlflowClient(uri)
+
+    def exists(rid: str) -> bool:
+        try:
+            client.get_run(rid)
+            return True
+        except MlflowException:
+            return False
+
+    if run_id is not None and not exists(run_id):
+        raise ValueError(f"--run-id {run_id}: no such run in {uri} (set MLFLOW_TRACKING_URI to the store that has it)")
+    if run_id is None and found is not None:
+        if exists(found):
+            run_id = found
+        else:
+            print(f"[visor eval] the checkpoint's training run {found} is not in {uri}; logging to a new run")
     if run_id is None:
         exp = client.get_experiment_by_name("visor-eval") or client.get_experiment(client.create_experiment("visor-eval"))
         run_id = client.create_run(exp.experiment_id, run_name="eval").info.run_id
@@ -134,5 +154,5 @@ def eval_main(argv: list[str]) -> int:
         print(json.dumps({k: v for k, v in doc.items() if k != "table"}, indent=2))
     else:
         print(doc["table"])
-        print(f"\nper-sample records: {Path(a.out or '.')} eval.json; MLflow run {doc['mlflow_run_id']}")
+        print(f"\nper-sample records: {doc['out']}/eval.json; MLflow run {doc['mlflow_run_id']}")
     return 0

@@ -92,6 +92,7 @@ class VisorCLI(LightningCLI):
         parser.add_argument("--global_batch_size", type=int | None, default=None,
                             help="derive trainer.accumulate_grad_batches from data.batch_size x devices x nodes")
         parser.add_argument("--checkpoint_every_n_steps", type=int, default=50, help="write last.ckpt this often")
+        parser.add_argument("--mlflow", type=bool, default=True, help="log this run to MLflow")
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -121,7 +122,7 @@ class VisorCLI(LightningCLI):
         resume = self.subcommand == "fit" and cfg.get("ckpt_path") is not None
         stage = getattr(self.model, "stage", "run")
         logger = None
-        if not cfg.trainer.get("fast_dev_run"):
+        if cfg.mlflow and not cfg.trainer.get("fast_dev_run"):
             logger = open_stage_logger(root, experiment=cfg.experiment, stage=stage, run_name=cfg.run_name,
                                        model=self.model, resume=resume)
         callbacks = list(kwargs.pop("callbacks", None) or [])

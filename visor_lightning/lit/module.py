@@ -95,6 +95,7 @@ class VisorLitModule(pl.LightningModule):
         if expected_trainable is not None and self.num_trainable() != expected_trainable:
             raise ValueError(f"{self.stage}: {self.num_trainable()} trainable parameters, expected {expected_trainable}")
         self.eval_results: dict[str, dict[str, dict[str, float]]] = {}
+        self.sample_records: list[dict[str, Any]] | None = None  # a list: validation keeps one record per sample
         self.last_layer_calls: dict[str, int] = {}
         self._metrics_ready = False
 
@@ -303,6 +304,13 @@ class VisorLitModule(pl.LightningModule):
             self.em[k].update(preds, batch["answer"])
             flops, _ = self.flops_per_sample(batch["prompt_ids"], batch["prompt_mask"], chosen, routed=use_policy)
             self.flops_mean[k].update(flops)
+            if self.sample_records is not None:
+                self.sample_records += [
+                    {"set": s, "target": t, "id": batch["id"][i], "subset": batch["subset"][i], "prediction": p,
+                     "answer": a, "correct": normalize_answer(p) == normalize_answer(a),
+                     "config": self.schedule.names[int(c)], "gflops": float(f) / 1e9, "dense_gflops": float(d) / 1e9}
+                    for i, (p, a, c, f, d) in enumerate(zip(preds, batch["answer"], chosen.tolist(), flops, dense))
+                ]
             if use_policy:
                 self.choice[s].update(chosen)
 

@@ -205,7 +205,8 @@ class PolicyTraining(VisorLitModule):
             raise ValueError("objective 'budget' needs model.target_savings > 1 (e.g. 6.0: one sixth of dense FLOPs)")
 
     def eval_targets(self) -> list[str]:
-        return super().eval_targets() + [POLICY]
+        targets = super().eval_targets()
+        return targets if POLICY in targets else targets + [POLICY]
 
     def per_config(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Frozen backbone, every configuration: answer loss [K, B], answer-token accuracy [K, B] (teacher-forced
