@@ -199,6 +199,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
 
+def split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``visor eval|submit ... -- --trainer.max_steps 9``: (own arguments, arguments for the stage config)."""
+    if "--" not in argv:
+        return argv, []
+    i = argv.index("--")
+    return argv[:i], argv[i + 1:]
+
+
 def main(argv: list[str] | None = None) -> int:
     from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -140,10 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def eval_main(argv: list[str]) -> int:
-    extra: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
+    from visor_lightning.cli import split_passthrough
+
+    argv, extra = split_passthrough(argv)
     a = build_parser().parse_args(argv)
     try:
         doc = run_eval(a.config, a.ckpt, targets=a.configs, out=a.out, run_id=a.run_id, extra=extra)

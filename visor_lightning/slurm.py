@@ -240,10 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def submit_main(argv: list[str]) -> int:
-    fit_args: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, fit_args = argv[:i], argv[i + 1:]
+    from visor_lightning.cli import split_passthrough
+
+    argv, fit_args = split_passthrough(argv)
     a = build_parser().parse_args(argv)
     spec = JobSpec(configs=a.config, nodes=a.nodes, gpus_per_node=a.gpus_per_node, ntasks_per_node=a.ntasks_per_node,
                    cpus_per_task=a.cpus_per_task, partition=a.partition, time=a.time, account=a.account,
