@@ -60,8 +60,9 @@ def accumulation(global_batch: int | None, per_device: int, devices: Any, num_no
 
 
 def latest_checkpoint(root: Path) -> str | None:
-    """``--ckpt_path last``: the newest of ``checkpoints/last.ckpt`` and the ``hpc_ckpt_<n>.ckpt`` that Lightning
-    writes on a Slurm pre-emption signal; None (a fresh start) when neither exists yet, e.g. a job's first run."""
+    """``--ckpt_path last``: the newest of ``checkpoints/last.ckpt`` and the ``hpc_ckpt_<n>.ckpt`` written on a
+    Slurm pre-emption signal (callbacks/preemption.py); None (a fresh start) when neither exists yet, e.g. a job's
+    first run."""
     found = [root / "checkpoints" / "last.ckpt", *root.glob("hpc_ckpt_*.ckpt")]
     found = [p for p in found if p.exists()]
     if not found:
@@ -106,9 +107,8 @@ class VisorCLI(LightningCLI):
             cfg.ckpt_path = latest_checkpoint(Path(cfg.trainer.default_root_dir))
 
     def instantiate_trainer(self, **kwargs: Any):
-        from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
-
         from lightning.fabric.plugins.environments import SLURMEnvironment
+        from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 
         from visor_lightning.callbacks.data_stats import DataStats
         from visor_lightning.callbacks.preemption import SlurmPreemption, in_slurm_batch_job

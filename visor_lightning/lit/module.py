@@ -131,19 +131,6 @@ class VisorLitModule(pl.LightningModule):
 
         checkpoint["visor"] = weights_meta(self.model)
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the logged step continuous after a Slurm requeue.
-
-        Lightning adds one to ``_batches_that_stepped`` on restart, because ModelCheckpoint saves before that
-        counter moves. The checkpoint its SLURM signal handler writes (``hpc_ckpt_<n>.ckpt``) is saved after it
-        moved, between batches, so metrics after the resume would be logged one step ahead of ``global_step``.
-        """
-        loop = checkpoint.get("loops", {}).get("fit_loop", {})
-        state, progress = loop.get("epoch_loop.state_dict", {}), loop.get("epoch_loop.batch_progress", {}).get("total", {})
-        between_batches = progress.get("processed") == progress.get("completed") == progress.get("ready", 0) - 1
-        if between_batches and state.get("_batches_that_stepped") == checkpoint.get("global_step"):
-            state["_batches_that_stepped"] -= 1
-
     @property
     def spec(self) -> BackboneSpec:
         return self.model.backbone
