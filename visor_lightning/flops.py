@@ -20,6 +20,10 @@ connector are counted separately: they are the same for dense and VISOR. Decodin
 context Nt + t text tokens) costs proj(1) + attn(1, keys) + mlp(1) per layer, keys being Nt + t (+ Nv in SA
 layers and the dense model), plus per CA layer 4 d^2 + attn(1, Nv) (visual K/V are cached), plus 2 d V.
 Visual KV-cache bytes = Nv x (number of layers holding visual K/V) x 2 d_kv x bytes per element.
+
+FastV-style pruning (the peer, ``models/fastv.py``) on the dense model, dropping ratio R after layer K:
+
+    FastV  = K * layer(Nt + Nv) + (L - K) * layer(Nt + keep(Nv, R))      keep(Nv, R) = Nv - round(R Nv)
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
+from .models.fastv import fastv_keep
 from .models.schedule import LayerSchedule, config_name
 from .models.spec import BackboneSpec
 
@@ -112,6 +117,18 @@ class FlopsModel:
         act = set(active)
         body = sum(self.layer(nt + nv) if l in act else self.layer(nt) for l in range(self.L))
         return body + len(self.schedule.ca_layers) * self.ca(nt, nv) + (self.policy() if routed else 0) + head
+
+    def fastv_prefill(self, nt: int, nv: int, layer: int, ratio: float) -> int:
+        """Dense prefill with FastV pruning: ``ratio`` of the visual tokens dropped from layer ``layer`` on."""
+        keep = fastv_keep(nv, ratio)
+        return layer * self.layer(nt + nv) + (self.L - layer) * self.layer(nt + keep) + self.lm_head(1)
+
+    def fastv_ratio_for(self, target: float, nt: float, nv: float, layer: int) -> float:
+        """The FastV drop ratio whose prefill FLOPs at (``nt``, ``nv``) come nearest ``target`` (the matched-FLOPs
+        peer of a VISOR configuration); mean token counts are rounded to whole tokens."""
+        nt_i, nv_i = round(nt), max(1, round(nv))
+        best = min(range(nv_i + 1), key=lambda k: abs(self.fastv_prefill(nt_i, nv_i, layer, 1 - k / nv_i) - target))
+        return 1 - best / nv_i
 
     def decode(self, active: Sequence[int] | None, nt: int, nv: int, steps: int) -> float:
         """Mean FLOPs per generated token over ``steps`` decode steps after the prefill."""

@@ -16,6 +16,7 @@ from torch import nn
 
 from .cache import VisorCache
 from .connector import Connector
+from .fastv import FastVConfig, fastv_prefill
 from .policy import Policy
 from .schedule import LayerSchedule, ScheduleConfig
 from .spec import BackboneSpec
@@ -262,11 +263,14 @@ class VisorModel(nn.Module):
         use_policy: bool = False,
         eos_token_id: int | None = None,
         use_cache: bool = True,
+        fastv: FastVConfig | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Greedy decoding (left-pad batches). Returns (new tokens [B, T], configuration ids [B]).
 
         With the cache, visual K/V live only in CA blocks (computed once per image) and the SA layers a sample
         runs; without it, every step re-runs the prefill on the grown sequence (the reference for tests).
+        ``fastv`` prunes visual tokens FastV-style instead (the dense host model only; see ``fastv.py``): with the
+        cache the prompt's prefill picks the kept tokens once, without it every step re-ranks them.
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -276,12 +280,19 @@ class VisorModel(nn.Module):
         if not bool(attention_mask[:, -1].all()):
             raise ValueError("attention_mask: generation needs left-padded prompts (every row's last token real)")
         cache = VisorCache(self.schedule.num_layers) if use_cache else None
-        out = self(input_ids, pixel_values, image_sizes, attention_mask, config_ids=config_ids,
-                   use_policy=use_policy, cache=cache, last_only=True)
-        config_ids = out.lm.config_ids
+
+        def prefill(ids: torch.Tensor, mask: torch.Tensor, cache: VisorCache | None, config_ids: torch.Tensor | None):
+            if fastv is not None:
+                embeds, is_visual = self.embed(ids, pixel_values, image_sizes)
+                logits, _ = fastv_prefill(self.lm, embeds, is_visual, mask, fastv, cache)
+                return logits, torch.full((b,), self.schedule.full_config, device=ids.device)
+            out = self(ids, pixel_values, image_sizes, mask, config_ids=config_ids, use_policy=use_policy,
+                       cache=cache, last_only=True)
+            return out.logits, out.lm.config_ids
+
+        logits, config_ids = prefill(input_ids, attention_mask, cache, config_ids)
         tokens: list[torch.Tensor] = []
         done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
-        logits = out.logits
         ids, mask = input_ids, attention_mask
         for step in range(max_new_tokens):
             nxt = logits.argmax(-1)
@@ -296,5 +307,5 @@ class VisorModel(nn.Module):
             else:
                 ids = torch.cat([ids, nxt[:, None]], dim=1)
                 mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
-                logits = self(ids, pixel_values, image_sizes, mask, config_ids=config_ids, last_only=True).logits
+                logits, _ = prefill(ids, mask, None, config_ids)
         return torch.stack(tokens, dim=1), config_ids
