@@ -20,16 +20,18 @@ from visor_lightning.models import BackboneSpec, LayerSchedule, VisionSpec, Viso
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.parametrize("token_pool", [1, 2, 4])
 @pytest.mark.parametrize("pinpoints", ["tiny", "llava_ov"])
-def test_visual_token_count_matches_the_connector(pinpoints):
+def test_visual_token_count_matches_the_connector(pinpoints, token_pool):
     """spec.visual_tokens(h, w) (what the collator expands <image> to) equals the model's actual output,
-    including LLaVA-OV's 6x6 pinpoints where anyres_max_9 shrinks the tile grid."""
+    including LLaVA-OV's 6x6 pinpoints where anyres_max_9 shrinks the tile grid, and VISOR-TR pooling."""
     from PIL import Image
 
     spec = tiny_backbone()
     if pinpoints == "llava_ov":
-        spec = BackboneSpec(text=spec.text, vision=VisionSpec(**{**spec.vision.__dict__, "image_size": 16, "patch_size": 8}),
+        spec = BackboneSpec(text=spec.text, vision=VisionSpec(**{**spec.vision.__dict__, "image_size": 24, "patch_size": 8}),
                             image_token_id=spec.image_token_id)
+    spec.token_pool = token_pool
     model = VisorModel(spec, LayerSchedule.dense(spec.text.num_layers), host=None).eval()
     proc = image_processor_for(spec)
     s = spec.vision.image_size

@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--grid", type=_grid, default=(2, 2), help="AnyRes tile grid of a square image (default 2x2)")
     f.add_argument("--decode-tokens", type=_positive, default=16, help="generated tokens to average decode over")
     f.add_argument("--kv-bytes", type=_positive, default=2, help="bytes per KV element (2 = bf16)")
+    f.add_argument("--token-pool", type=_positive, default=None,
+                   help="VISOR-TR: visual-token pooling factor (1, 2, 4, 9, 16; default: the config's backbone.token_pool)")
 
     for name, text in (("fit", "train one stage: visor fit --config experiments/...yaml (LightningCLI; --help there)"),
                        ("validate", "evaluate a stage's model on its validation sets (LightningCLI)"),
@@ -160,6 +162,11 @@ def cmd_flops(args: argparse.Namespace) -> int:
     from .flops import FlopsModel, Workload, format_table, workload_dict
 
     section = load_model_section(args.config)
+    if args.token_pool is not None:
+        from dataclasses import replace
+
+        section.backbone = replace(section.backbone, token_pool=args.token_pool)
+        section.backbone.pool_shape  # a bad factor fails here, naming backbone.token_pool
     work = Workload(
         text_tokens=args.text_tokens, visual_tokens=args.visual_tokens, grid=args.grid,
         decode_tokens=args.decode_tokens, bytes_per_element=args.kv_bytes,

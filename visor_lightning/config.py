@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,11 @@ def load_model_section(path: str | Path) -> ModelSection:
         pretrained = Path(spec.pretrained)
         if not pretrained.is_absolute():
             pretrained = (path.parent / pretrained) if (path.parent / pretrained).exists() else pretrained
-        spec = BackboneSpec.from_pretrained_dir(pretrained)
+        spec = dataclasses.replace(BackboneSpec.from_pretrained_dir(pretrained), token_pool=spec.token_pool)
+    try:
+        spec.pool_shape
+    except ValueError as e:
+        raise ValueError(f"{path}: model.{e}") from e
     sched_cfg: ScheduleConfig = OmegaConf.to_object(sched)
     width = model.get("policy_width", 256)
     if not isinstance(width, int) or width < 1:

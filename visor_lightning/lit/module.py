@@ -58,6 +58,8 @@ class VisorLitModule(pl.LightningModule):
             one), or a list of configuration names; None: the stage's default. The policy stage adds the policy.
         max_new_tokens: generation length for evaluation (answers are short).
         expected_trainable: if set, fail unless exactly this many parameters train (a guard for stage 1).
+        token_pool: VISOR-TR visual-token pooling factor (1, 2, 4, ...) over whatever the model was built or
+            loaded with; None keeps ``backbone.token_pool`` / the handed-over weights' setting.
     """
 
     stage = "base"
@@ -80,12 +82,15 @@ class VisorLitModule(pl.LightningModule):
         eval_configs: str | list[str] | None = None,
         max_new_tokens: int = 8,
         expected_trainable: int | None = None,
+        token_pool: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         # under LightningCLI, hparams hold the raw config (plain dicts), so the typed objects are kept here
         self.backbone_cfg, self.schedule_cfg = _as_backbone(backbone), _as_schedule(schedule)
         self.model = self.build_model().train()  # transformers' from_pretrained leaves modules in eval mode
+        if token_pool is not None:
+            self.model.set_token_pool(token_pool)
         parts = list(train_parts) if train_parts is not None else list(self.default_parts)
         unknown = set(parts) - set(PARTS)
         if unknown:
@@ -116,7 +121,8 @@ class VisorLitModule(pl.LightningModule):
         spec = self.backbone_cfg or BackboneSpec()
         if spec.pretrained:  # the checkpoint's config.json gives the shapes; the YAML's are not used
             shapes = BackboneSpec.from_pretrained_dir(spec.pretrained)
-            model, report = VisorModel.from_llava_onevision(spec.pretrained, self.resolve_schedule(shapes), policy_width=h.policy_width)
+            model, report = VisorModel.from_llava_onevision(spec.pretrained, self.resolve_schedule(shapes),
+                                                            policy_width=h.policy_width, token_pool=spec.token_pool)
             print(f"[{self.stage}] {report.summary()}")
             return model
         if h.tokenizer_vocab:

@@ -1,4 +1,5 @@
-"""Connector: LLaVA-OV's 2-layer MLP projector, its AnyRes packing, and VISOR's conditional positional embedding."""
+"""Connector: LLaVA-OV's 2-layer MLP projector, its AnyRes packing, VISOR's conditional positional embedding, and
+VISOR-TR's optional average pooling of the visual grids (fewer visual tokens for every CA/SA layer)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ class Connector(nn.Module):
         patch_size: int,
         grid_pinpoints: list[list[int]],
         vision_aspect_ratio: str = "anyres_max_9",
+        pool: tuple[int, int] = (1, 1),
     ) -> None:
         super().__init__()
         self.projector = projector
@@ -56,6 +58,22 @@ class Connector(nn.Module):
         self.grid = image_size // patch_size
         self.grid_pinpoints = [list(p) for p in grid_pinpoints]
         self.max_tiles = int(vision_aspect_ratio.removeprefix("anyres_max_"))
+        self.pool = tuple(pool)  # VISOR-TR: average-pool window over the base grid and the tile grid
+
+    def _pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """[d, h, w] grid -> [d, ceil(h/ph), ceil(w/pw)]; edge windows average only the tokens they cover."""
+        if self.pool == (1, 1):
+            return x
+        if x.shape[1] == 0 or x.shape[2] == 0:  # an extreme aspect ratio can unpad a grid to nothing
+            return x.new_zeros(x.shape[0], -(-x.shape[1] // self.pool[0]), -(-x.shape[2] // self.pool[1]))
+        return nn.functional.avg_pool2d(x[None], self.pool, self.pool, ceil_mode=True)[0]
+
+    def _base(self, feats: torch.Tensor) -> torch.Tensor:
+        """The base crop's [g*g, d] tokens, pooled (row-major, as LLaVA-OV orders them)."""
+        if self.pool == (1, 1):
+            return feats
+        g = self.grid
+        return self._pooled(feats.T.reshape(-1, g, g)).flatten(1).T
 
     def num_crops(self, image_size_hw: tuple[int, int]) -> int:
         """Crops the processor makes for an image of this (height, width): base + tiles of the best grid."""
@@ -71,7 +89,7 @@ class Connector(nn.Module):
 
         newline = self.image_newline.to(feats.dtype)
         if feats.shape[0] == 1:
-            return torch.cat([feats[0], newline[None]], dim=0)
+            return torch.cat([self._base(feats[0]), newline[None]], dim=0)
         base, tiles = feats[0], feats[1:]
         gh, gw = get_anyres_image_grid_shape(image_size_hw, self.grid_pinpoints, self.image_size)
         g = self.grid
@@ -81,8 +99,9 @@ class Connector(nn.Module):
         ratio = math.sqrt(h * w / (self.max_tiles * g**2))
         if ratio > 1.1:
             x = nn.functional.interpolate(x[None], [int(h // ratio), int(w // ratio)], mode="bilinear")[0]
+        x = self._pooled(x)
         x = torch.cat([x, newline[:, None, None].expand(*x.shape[:-1], 1)], dim=-1)
-        return torch.cat([base, x.flatten(1, 2).transpose(0, 1)], dim=0)
+        return torch.cat([self._base(base), x.flatten(1, 2).transpose(0, 1)], dim=0)
 
     def forward(self, features: torch.Tensor, crops_per_image: list[int], image_sizes: torch.Tensor | None) -> list[torch.Tensor]:
         """[total_crops, n, d_vision] -> list (one per image) of [n_i, d] visual tokens."""

@@ -61,6 +61,15 @@ class BackboneSpec:
     vision_aspect_ratio: str = "anyres_max_9"
     image_token_id: int = 151646
     pretrained: str | None = None  # a local LlavaOnevisionForConditionalGeneration.save_pretrained directory
+    token_pool: int = 1  # VISOR-TR: average-pool the visual grid by this token factor (1 off, 2 = 1x2, 4 = 2x2)
+
+    @property
+    def pool_shape(self) -> tuple[int, int]:
+        """(rows, cols) window of VISOR-TR's average pooling over each visual-token grid."""
+        shapes = {1: (1, 1), 2: (1, 2), 4: (2, 2), 9: (3, 3), 16: (4, 4)}
+        if self.token_pool not in shapes:
+            raise ValueError(f"backbone.token_pool must be one of {sorted(shapes)} (token reduction factor), got {self.token_pool}")
+        return shapes[self.token_pool]
 
     def pinpoints(self) -> list[list[int]]:
         if self.image_grid_pinpoints is not None:
@@ -101,13 +110,16 @@ class BackboneSpec:
 
     def packed_tokens(self, rows: int, cols: int) -> int:
         """Tokens of a (rows x cols) unpadded tile-feature grid after AnyRes packing: shrunk when above
-        ``anyres_max_N`` tiles, one newline per row, plus the base crop's g*g."""
+        ``anyres_max_N`` tiles, one newline per row, plus the base crop's g*g; with VISOR-TR, both grids are
+        pooled by ``pool_shape`` (windows cut at the edge, so a side of n becomes ceil(n / window))."""
         g = self.vision.image_size // self.vision.patch_size
         max_tiles = int(self.vision_aspect_ratio.removeprefix("anyres_max_"))
         ratio = math.sqrt(rows * cols / (max_tiles * g * g))
         if ratio > 1.1:
             rows, cols = int(rows // ratio), int(cols // ratio)
-        return g * g + rows * (cols + 1)
+        ph, pw = self.pool_shape
+        up = lambda n, k: -(-n // k)  # noqa: E731
+        return up(g, ph) * up(g, pw) + up(rows, ph) * (up(cols, pw) + 1)
 
     def to_hf_config(self) -> Any:
         from transformers import LlavaOnevisionConfig

@@ -8,6 +8,7 @@ back to its checkpoint key, and :meth:`VisorModel.new_parameters` lists what VIS
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,6 +100,7 @@ class VisorModel(nn.Module):
             patch_size=backbone.vision.patch_size,
             grid_pinpoints=backbone.pinpoints(),
             vision_aspect_ratio=backbone.vision_aspect_ratio,
+            pool=backbone.pool_shape,
         )
         self.lm = VisorLanguageModel(inner.language_model, host.lm_head, sched)
         self.policy = Policy(backbone.text.hidden_size, len(sched.feasible), policy_width)
@@ -112,15 +114,17 @@ class VisorModel(nn.Module):
         schedule: ScheduleConfig | LayerSchedule | None = None,
         dtype: torch.dtype = torch.float32,
         policy_width: int = 256,
+        token_pool: int = 1,
     ) -> tuple["VisorModel", LoadReport]:
         """Build from a local LLaVA-OneVision directory (``save_pretrained`` layout; nothing is downloaded).
 
         Original weights load through transformers unchanged; CA blocks, the positional conv and the policy are
-        new and reported as such. A checkpoint that lacks original weights is refused.
+        new and reported as such. A checkpoint that lacks original weights is refused. ``token_pool`` turns on
+        VISOR-TR's visual-token pooling (see :meth:`set_token_pool`).
         """
         from transformers import LlavaOnevisionForConditionalGeneration
 
-        spec = BackboneSpec.from_pretrained_dir(path)
+        spec = dataclasses.replace(BackboneSpec.from_pretrained_dir(path), token_pool=token_pool)
         host, info = LlavaOnevisionForConditionalGeneration.from_pretrained(
             str(path), dtype=dtype, attn_implementation="sdpa", output_loading_info=True, local_files_only=True
         )
@@ -138,6 +142,15 @@ class VisorModel(nn.Module):
             unexpected_in_checkpoint=sorted(info.get("unexpected_keys", [])),
         )
         return model, report
+
+    def set_token_pool(self, token_pool: int) -> None:
+        """VISOR-TR: average-pool every image's visual grids by this token factor (1 = off) before the LLM.
+
+        No weights change; the spec changes with it, so the collator expands ``<image>`` to the pooled count and
+        the FLOPs model prices it.
+        """
+        self.backbone = dataclasses.replace(self.backbone, token_pool=token_pool)
+        self.connector.pool = self.backbone.pool_shape
 
     def new_parameters(self) -> set[str]:
         """Names of parameters VISOR adds (not in a LLaVA-OneVision checkpoint)."""
