@@ -79,3 +79,15 @@ def test_bad_pool_is_refused(spec, tmp_path):
     cfg.write_text("model:\n  backbone:\n    token_pool: 3\n")
     with pytest.raises(ValueError, match=r"m.yaml: model.backbone.token_pool must be one of"):
         load_model_section(cfg)
+
+
+def test_tr_table_is_priced_against_unpooled_dense():
+    from visor_lightning.models import LayerSchedule
+
+    sch = LayerSchedule.build(24)
+    plain = FlopsModel(BackboneSpec(), sch).table(Workload())
+    tr = FlopsModel(BackboneSpec(token_pool=2), sch).table(Workload())
+    assert tr[0]["visual_tokens"] == plain[0]["visual_tokens"] == 3699
+    assert tr[0]["prefill_flops"] == plain[0]["prefill_flops"]
+    for a, b in zip(plain[1:], tr[1:]):
+        assert b["visual_tokens"] == 27 * 14 + 54 * 28 and b["prefill_saving"] > 1.5 * a["prefill_saving"]

@@ -178,7 +178,8 @@ def cmd_flops(args: argparse.Namespace) -> int:
     else:
         nv = work.resolve_visual(section.backbone)
         print(f"schedule {section.schedule.describe()}  (S always-on SA, s optional SA, C cross-attention, . text-only)")
-        print(f"workload: {work.text_tokens} text + {nv} visual tokens, {work.decode_tokens} decode steps\n")
+        tr = f" (VISOR-TR pooling {section.backbone.token_pool}x; dense: {rows[0]['visual_tokens']})" if nv != rows[0]["visual_tokens"] else ""
+        print(f"workload: {work.text_tokens} text + {nv} visual tokens{tr}, {work.decode_tokens} decode steps\n")
         print(format_table(rows))
     return 0
 

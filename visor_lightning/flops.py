@@ -28,7 +28,7 @@ FastV-style pruning (the peer, ``models/fastv.py``) on the dense model, dropping
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
 from .models.fastv import fastv_keep
@@ -152,25 +152,28 @@ class FlopsModel:
     def table(self, work: Workload) -> list[dict]:
         """One row for the dense model, then one per feasible configuration."""
         nt, nv = work.text_tokens, work.resolve_visual(self.spec)
-        dense_pre = self.prefill(None, nt, nv)
-        dense_dec = self.decode(None, nt, nv, work.decode_tokens)
-        vis = self.vision(work.crops) + self.connector(work.crops, nv)
+        nv_dense = work.resolve_visual(replace(self.spec, token_pool=1))  # VISOR-TR is priced against unpooled dense
+        dense_pre = self.prefill(None, nt, nv_dense)
+        dense_dec = self.decode(None, nt, nv_dense, work.decode_tokens)
+        dense_vis = self.vision(work.crops) + self.connector(work.crops, nv_dense)
         rows = []
         for name, active in [("dense", None)] + [(config_name(c), c) for c in self.schedule.feasible]:
-            pre = self.prefill(active, nt, nv)
-            dec = self.decode(active, nt, nv, work.decode_tokens)
+            n = nv_dense if active is None else nv
+            vis = self.vision(work.crops) + self.connector(work.crops, n)
+            pre = self.prefill(active, nt, n)
+            dec = self.decode(active, nt, n, work.decode_tokens)
             rows.append(
                 dict(
                     config=name,
                     sa_layers=None if active is None else len(active),
                     text_tokens=nt,
-                    visual_tokens=nv,
+                    visual_tokens=n,
                     prefill_flops=pre,
                     prefill_saving=dense_pre / pre,
-                    prefill_with_vision_saving=(dense_pre + vis) / (pre + vis),
+                    prefill_with_vision_saving=(dense_pre + dense_vis) / (pre + vis),
                     decode_flops_per_token=dec,
                     decode_saving=dense_dec / dec,
-                    visual_kv_bytes=self.visual_kv_bytes(active, nv, work.bytes_per_element),
+                    visual_kv_bytes=self.visual_kv_bytes(active, n, work.bytes_per_element),
                     vision_flops=vis,
                 )
             )

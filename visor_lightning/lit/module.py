@@ -8,6 +8,7 @@ runs (see ``stages.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from pathlib import Path
@@ -184,23 +185,34 @@ class VisorLitModule(pl.LightningModule):
         self.last_layer_calls = out.lm.layer_calls
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", out.loss, prog_bar=True, batch_size=bs, sync_dist=True)  # mean over ranks
-        self.log_flops("train", batch["input_ids"], batch["attention_mask"], ids, routed=False)
+        self.log_flops("train", batch["input_ids"], batch["attention_mask"], ids, routed=False,
+                       image_sizes=batch["image_sizes"])
         return out.loss
 
-    def log_flops(self, prefix: str, ids: torch.Tensor, mask: torch.Tensor, config_ids: torch.Tensor, routed: bool) -> None:
-        flops, dense = self.flops_per_sample(ids, mask, config_ids, routed)
+    def log_flops(self, prefix: str, ids: torch.Tensor, mask: torch.Tensor, config_ids: torch.Tensor, routed: bool,
+                  image_sizes: torch.Tensor | None = None) -> None:
+        flops, dense = self.flops_per_sample(ids, mask, config_ids, routed, image_sizes)
         self.log(f"{prefix}/gflops_per_sample", flops.mean() / 1e9, batch_size=len(flops))
         self.log(f"{prefix}/flops_saving", dense.sum() / flops.sum(), batch_size=len(flops))
 
-    def flops_per_sample(self, ids: torch.Tensor, mask: torch.Tensor, config_ids: torch.Tensor, routed: bool):
-        """Analytic LLM prefill FLOPs per sample for its configuration, and for the dense host model."""
+    def flops_per_sample(self, ids: torch.Tensor, mask: torch.Tensor, config_ids: torch.Tensor, routed: bool,
+                         image_sizes: torch.Tensor | None = None):
+        """Analytic LLM prefill FLOPs per sample for its configuration, and for the dense host model.
+
+        With VISOR-TR pooling, the dense reference is the unpooled host model (its visual-token count comes from
+        ``image_sizes``), so savings are quoted against dense LLaVA-OV as the paper's are.
+        """
         vis = ids == self.spec.image_token_id
         nt = ((~vis) & mask.bool()).sum(1).tolist()
         nv = vis.sum(1).tolist()
+        nv_dense = nv
+        if self.spec.token_pool != 1 and image_sizes is not None:
+            unpooled = dataclasses.replace(self.spec, token_pool=1)
+            nv_dense = [unpooled.visual_tokens(int(h), int(w)) if v else 0 for (h, w), v in zip(image_sizes.tolist(), nv)]
         fm, dense = self.flops_models()
         feas = self.schedule.feasible
         f = [fm.prefill(feas[c], t, v, routed=routed) for c, t, v in zip(config_ids.tolist(), nt, nv)]
-        d = [dense.prefill(None, t, v) for t, v in zip(nt, nv)]
+        d = [dense.prefill(None, t, v) for t, v in zip(nt, nv_dense)]
         return torch.tensor(f, dtype=torch.float64), torch.tensor(d, dtype=torch.float64)
 
     def flops_models(self) -> tuple[FlopsModel, FlopsModel]:
@@ -282,7 +294,8 @@ class VisorLitModule(pl.LightningModule):
         bs = batch["input_ids"].shape[0]
         full = torch.full((bs,), self.schedule.full_config, device=self.device)
         self.val_loss[s].update(self.forward_batch(batch, full).loss)
-        _, dense = self.flops_per_sample(batch["prompt_ids"], batch["prompt_mask"], full, routed=False)
+        _, dense = self.flops_per_sample(batch["prompt_ids"], batch["prompt_mask"], full, routed=False,
+                                         image_sizes=batch["image_sizes"])
         self.dense_mean[s].update(dense)
         for t in self.eval_targets():
             use_policy = t == POLICY
