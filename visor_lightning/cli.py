@@ -39,13 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     f.add_argument("--config", required=True, help="experiment YAML with a model: section (backbone, schedule)")
     f.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
-    f.add_argument("--text-tokens", type=_positive, default=64, help="prompt text tokens (default 64)")
-    f.add_argument("--visual-tokens", type=_positive, default=None, help="override the visual token count")
-    f.add_argument("--grid", type=_grid, default=(2, 2), help="AnyRes tile grid of a square image (default 2x2)")
-    f.add_argument("--decode-tokens", type=_positive, default=16, help="generated tokens to average decode over")
-    f.add_argument("--kv-bytes", type=_positive, default=2, help="bytes per KV element (2 = bf16)")
-    f.add_argument("--token-pool", type=_positive, default=None,
-                   help="VISOR-TR: visual-token pooling factor (1, 2, 4, 9, 16; default: the config's backbone.token_pool)")
+    _add_workload_args(f)
 
     for name, text in (("fit", "train one stage: visor fit --config experiments/...yaml (LightningCLI; --help there)"),
                        ("validate", "evaluate a stage's model on its validation sets (LightningCLI)"),
@@ -70,6 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--repeats", type=_positive, default=7, help="timed repeats per configuration (median kept)")
     d.add_argument("--json", default=None, help="also write the results as JSON to this file")
     return parser
+
+
+def _add_workload_args(p: argparse.ArgumentParser) -> None:
+    """Token counts and VISOR-TR pooling, shared by `visor flops` and `visor bench prefill|decode`."""
+    p.add_argument("--text-tokens", type=_positive, default=64, help="prompt text tokens (default 64)")
+    p.add_argument("--visual-tokens", type=_positive, default=None, help="override the visual token count")
+    p.add_argument("--grid", type=_grid, default=(2, 2), help="AnyRes tile grid of a square image (default 2x2)")
+    p.add_argument("--decode-tokens", type=_positive, default=16, help="generated tokens to average decode over")
+    p.add_argument("--kv-bytes", type=_positive, default=2, help="bytes per KV element (2 = bf16)")
+    p.add_argument("--token-pool", type=_positive, default=None,
+                   help="VISOR-TR: visual-token pooling factor (1, 2, 4, 9, 16; default: the config's backbone.token_pool)")
 
 
 def _add_data_parsers(sub) -> None:
@@ -118,6 +123,22 @@ def _add_bench_parsers(sub) -> None:
     b.add_argument("--batches", type=_positive, default=24, help="batches timed per measurement")
     b.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts")
     b.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    for kind, text in (("prefill", "LLM prefill time of dense vs every configuration: measured speed-up / analytic FLOPs ratio"),
+                       ("decode", "decode time per token, tokens/s and visual-KV bytes of dense vs every configuration")):
+        k = bsub.add_parser(kind, help=text, description=text + ". Random weights; CUDA when present.")
+        k.add_argument("--config", default="experiments/llava_ov_0.5b/model.yaml",
+                       help="experiment YAML with a model: section (default: the LLaVA-OV 0.5B shapes)")
+        _add_workload_args(k)
+        k.add_argument("--batch", type=_positive, default=1, help="sequences per call (default 1)")
+        k.add_argument("--repeats", type=_positive, default=5, help="timed rounds; the median is kept (default 5)")
+        k.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+        k.add_argument("--fastv", type=_positive, default=None, metavar="K",
+                       help="also time FastV (prune after layer K) at each configuration's FLOPs")
+        k.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
+        k.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                       help="default: bfloat16 on CUDA, float32 on CPU")
+        k.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        k.add_argument("--out", default=None, help="also write the JSON to this file")
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -148,6 +169,20 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench_command in ("prefill", "decode"):
+        from pathlib import Path
+
+        from .bench_model import bench_spec_note, markdown, run_bench
+
+        section, work = _section_and_workload(args)
+        res = run_bench(args.bench_command, section, work, batch=args.batch, repeats=args.repeats, warmup=args.warmup,
+                        fastv_layer=args.fastv, device=args.device, dtype=args.dtype, progress=not args.json)
+        res["config"] = args.config
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(res, indent=2))
+        print(json.dumps(res, indent=2) if args.json else bench_spec_note(res) + "\n\n" + markdown(res))
+        return 0
     from .bench_data import run_bench_data
 
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
@@ -157,20 +192,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_flops(args: argparse.Namespace) -> int:
+def _section_and_workload(args: argparse.Namespace):
+    """The config's model section (with ``--token-pool`` applied) and the token workload of the arguments."""
+    from dataclasses import replace
+
     from .config import load_model_section
-    from .flops import FlopsModel, Workload, format_table, workload_dict
+    from .flops import Workload
 
     section = load_model_section(args.config)
     if args.token_pool is not None:
-        from dataclasses import replace
-
         section.backbone = replace(section.backbone, token_pool=args.token_pool)
         section.backbone.pool_shape  # a bad factor fails here, naming backbone.token_pool
     work = Workload(
         text_tokens=args.text_tokens, visual_tokens=args.visual_tokens, grid=args.grid,
         decode_tokens=args.decode_tokens, bytes_per_element=args.kv_bytes,
     )
+    return section, work
+
+
+def cmd_flops(args: argparse.Namespace) -> int:
+    from .flops import FlopsModel, format_table, workload_dict
+
+    section, work = _section_and_workload(args)
     rows = FlopsModel(section.backbone, section.schedule, section.policy_width).table(work)
     if args.json:
         print(json.dumps({"config": args.config, "schedule": section.schedule.describe(),

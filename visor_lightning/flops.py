@@ -130,6 +130,19 @@ class FlopsModel:
         best = min(range(nv_i + 1), key=lambda k: abs(self.fastv_prefill(nt_i, nv_i, layer, 1 - k / nv_i) - target))
         return 1 - best / nv_i
 
+    def fastv_decode(self, nt: int, nv: int, layer: int, ratio: float, steps: int) -> float:
+        """Mean FastV decode FLOPs per token: every visual key before ``layer``, the kept ones after."""
+        keep = fastv_keep(nv, ratio)
+        total = 0
+        for t in range(1, steps + 1):
+            ctx = nt + t
+            total += sum(self.proj(1) + self.mlp(1) + self.attn(1, ctx + (nv if l < layer else keep)) for l in range(self.L))
+            total += self.lm_head(1)
+        return total / max(steps, 1)
+
+    def fastv_visual_kv_bytes(self, nv: int, layer: int, ratio: float, bytes_per_element: int = 2) -> int:
+        return (layer * nv + (self.L - layer) * fastv_keep(nv, ratio)) * 2 * self.d_kv * bytes_per_element
+
     def decode(self, active: Sequence[int] | None, nt: int, nv: int, steps: int) -> float:
         """Mean FLOPs per generated token over ``steps`` decode steps after the prefill."""
         total = 0
