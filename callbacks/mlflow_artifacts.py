@@ -19,7 +19,7 @@ def _mlflow(trainer: pl.Trainer) -> MLFlowLogger | None:
 def plot_accuracy_vs_flops(results: dict[str, dict[str, dict[str, Any]]], out: Path, title: str,
                            dense: dict[str, dict[str, float]] | None = None) -> Path:
     """One panel per evaluation set: accuracy vs prefill GFLOPs per sample for every configuration (dots), the
-    policy (star) and, when known, the dense model (square)."""
+    policy (star), the FastV peer (cross) and, when known, the dense model (square)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -30,7 +30,7 @@ def plot_accuracy_vs_flops(results: dict[str, dict[str, dict[str, Any]]], out: P
     for ax, s in zip(axes[0], sets):
         labels: list[tuple[float, float, list[str]]] = []  # points within 1% FLOPs and 0.1 points share a label
         for name, r in results[s].items():
-            marker, size = ("*", 220) if name.startswith("policy") else ("o", 60)
+            marker, size = ("*", 220) if name.startswith("policy") else ("x", 70) if name.startswith("fastv") else ("o", 60)
             x, y = r["gflops"], 100 * r["acc"]
             ax.scatter(x, y, marker=marker, s=size, zorder=3)
             near = next((lab for lab in labels if abs(lab[0] - x) <= 0.01 * x and abs(lab[1] - y) <= 0.1), None)
@@ -81,7 +81,8 @@ class MlflowArtifacts(pl.Callback):
         results = getattr(pl_module, "eval_results", None)
         if trainer.sanity_checking or not results or not trainer.is_global_zero:
             return
-        (self.root / "eval.json").write_text(json.dumps({"step": trainer.global_step, "results": results}, indent=2))
+        doc = {"step": trainer.global_step, "results": results, "tokens": getattr(pl_module, "eval_tokens", {})}
+        (self.root / "eval.json").write_text(json.dumps(doc, indent=2))
         png = plot_accuracy_vs_flops(results, self.root / "plots" / "acc_vs_flops.png", getattr(pl_module, "stage", ""))
         logger = _mlflow(trainer)
         if logger is not None:

@@ -135,7 +135,7 @@ def test_matched_ratio_and_bad_arguments(spec):
     sch = LayerSchedule.build(spec.text.num_layers, ScheduleConfig())
     visor, dense = FlopsModel(spec, sch), FlopsModel(spec, LayerSchedule.dense(spec.text.num_layers))
     target = visor.prefill(sch.feasible[0], 20, 80, routed=False)
-    r = dense.fastv_ratio_for(target, 20, 80, 1)
+    r = dense.fastv_ratio_for(target, [(20, 80)], 1)
     step = dense.fastv_prefill(20, 80, 1, 0.0) - dense.fastv_prefill(20, 80, 1, 1 / 80)
     assert abs(dense.fastv_prefill(20, 80, 1, r) - target) <= step
     assert FastVConfig.parse(FastVConfig(2, 0.25).name) == FastVConfig(2, 0.25) and FastVConfig.parse("sa[0]") is None

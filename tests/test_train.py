@@ -76,6 +76,16 @@ def test_pipeline_hands_over_and_summarises(tiny_pipeline):
     configs = [r["config"] for r in summary["rows"]]
     assert configs[0] == "dense" and "policy (policy)" in configs and "policy (policy_budget)" in configs
     assert "| dense | all |" in summary["table"] and (out / "plots" / "summary_acc_vs_flops.png").stat().st_size > 5000
+    # the FastV peer: one row per fixed configuration, on the dense base, at that configuration's FLOPs
+    fixed = {r["config"]: r for r in summary["rows"] if r["config"].startswith("sa[")}
+    fastv = [r for r in summary["rows"] if r["config"].startswith("fastv(k=1,")]
+    assert len(fastv) == len(fixed) == 4 and all(r["sa"] == "all, pruned" for r in fastv)
+    mean = lambda row: sum(row["gflops"].values()) / len(row["gflops"])  # noqa: E731
+    for r in fastv:
+        like = fixed[r["config"].split(" ~ ")[1]]
+        assert abs(mean(r) - mean(like)) <= 0.05 * mean(like), (r["config"], mean(r), mean(like))
+        assert set(r["acc"]) == set(like["acc"]) == {"easy", "hard"}
+    assert (out / "fastv" / "eval.json").is_file()
     universal = json.loads((out / "universal" / "weights" / "visor.json").read_text())
     assert set(universal["search"]["candidates"]) == {"sa[0]", "sa[0,3]", "sa[0,5]", "sa[0,3,5]"}
     policy = json.loads((out / "policy" / "weights" / "visor.json").read_text())

@@ -97,7 +97,7 @@ def run_bench(kind: str, section, work: Workload, *, batch: int = 1, repeats: in
     if fastv_layer is not None:
         dense_fm = FlopsModel(spec, LayerSchedule.dense(sch.num_layers))
         for active in sch.feasible:
-            r = dense_fm.fastv_ratio_for(fm.prefill(active, nt, nv, routed=False), nt, nv, fastv_layer)
+            r = dense_fm.fastv_ratio_for(fm.prefill(active, nt, nv, routed=False), [(nt, nv)], fastv_layer)
             cfg = FastVConfig(fastv_layer, r)
             rows.append(dict(config=f"{cfg.name} ~ {config_name(active)}", sa="all, pruned",
                              run=lambda c, cfg=cfg: fastv_prefill(dense, emb, is_vis, mask, cfg, c)[0],

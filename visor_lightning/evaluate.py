@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,11 @@ def markdown(results: dict[str, dict[str, dict[str, Any]]], dense_gflops: dict[s
     return "\n".join(lines)
 
 
+def split_names(text: str) -> list[str]:
+    """``sa[0],sa[0,3],fastv(k=1,r=0.5)`` -> its names: commas inside brackets belong to the name."""
+    return [t.strip() for t in re.split(r",(?![^\[(]*[\])])", text) if t.strip()]
+
+
 def run_eval(config: list[str], ckpt: str, *, targets: str = "all", out: str | None = None, run_id: str | None = None,
              extra: list[str] | None = None) -> dict[str, Any]:
     from visor_lightning.lit.cli import VisorCLI
@@ -55,7 +61,7 @@ def run_eval(config: list[str], ckpt: str, *, targets: str = "all", out: str | N
     cli = VisorCLI(args=args, run=False)
     module, dm, trainer = cli.model, cli.datamodule, cli.trainer
     names = module.schedule.names
-    wanted = list(names) if targets == "all" else [t.strip() for t in targets.split(",") if t.strip()]
+    wanted = list(names) if targets == "all" else split_names(targets)
     if targets == "all":
         wanted.append(POLICY)
     module.hparams.eval_configs = wanted
@@ -75,7 +81,7 @@ def run_eval(config: list[str], ckpt: str, *, targets: str = "all", out: str | N
             results[s][t] = {**r, "samples": len(per), "gflops_min": min(per, default=0.0),
                              "gflops_max": max(per, default=0.0)}
     doc = {"config": config, "ckpt": str(ckpt_path), "schedule": module.schedule.describe(), "results": results,
-           "dense_gflops": dense, "samples": records}
+           "dense_gflops": dense, "tokens": module.eval_tokens, "samples": records}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(json.dumps(doc, indent=2))
     table = markdown(results, dense)
@@ -132,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="Arguments after `--` go to the stage config, e.g. -- --data.eval_batch_size 8")
     p.add_argument("--config", action="append", required=True, help="stage YAML whose data.val sets are evaluated")
     p.add_argument("--ckpt", required=True, help="weights/ directory, .ckpt file or DeepSpeed checkpoint directory")
-    p.add_argument("--configs", default="all", help="'all' (every feasible configuration + policy) or names, comma-separated")
+    p.add_argument("--configs", default="all", help="'all' (every feasible configuration + policy) or names, comma-separated; "
+                   "on a dense model also the FastV peer, fastv(k=K,r=R)")
     p.add_argument("--out", default=None, help="where eval.json / eval.md go (default: <ckpt dir>/eval)")
     p.add_argument("--run-id", default=None, help="MLflow run to log into (default: the run that wrote --ckpt)")
     p.add_argument("--json", action="store_true", help="print the JSON document instead of the table")

@@ -123,12 +123,16 @@ class FlopsModel:
         keep = fastv_keep(nv, ratio)
         return layer * self.layer(nt + nv) + (self.L - layer) * self.layer(nt + keep) + self.lm_head(1)
 
-    def fastv_ratio_for(self, target: float, nt: float, nv: float, layer: int) -> float:
-        """The FastV drop ratio whose prefill FLOPs at (``nt``, ``nv``) come nearest ``target`` (the matched-FLOPs
-        peer of a VISOR configuration); mean token counts are rounded to whole tokens."""
-        nt_i, nv_i = round(nt), max(1, round(nv))
-        best = min(range(nv_i + 1), key=lambda k: abs(self.fastv_prefill(nt_i, nv_i, layer, 1 - k / nv_i) - target))
-        return 1 - best / nv_i
+    def fastv_ratio_for(self, target: float, tokens: Sequence[tuple[float, float]], layer: int) -> float:
+        """The FastV drop ratio whose mean prefill FLOPs over the ``tokens`` workloads ((text, visual) counts,
+        rounded to whole tokens) come nearest ``target``: the matched-FLOPs peer of a VISOR configuration."""
+        work = [(round(nt), max(1, round(nv))) for nt, nv in tokens]
+        ratios = sorted({1 - k / nv for _, nv in work for k in range(nv + 1)})
+
+        def cost(r: float) -> float:
+            return sum(self.fastv_prefill(nt, nv, layer, r) for nt, nv in work) / len(work)
+
+        return min(ratios, key=lambda r: abs(cost(r) - target))
 
     def fastv_decode(self, nt: int, nv: int, layer: int, ratio: float, steps: int) -> float:
         """Mean FastV decode FLOPs per token: every visual key before ``layer``, the kept ones after."""

@@ -34,6 +34,9 @@ def load_pipeline(path: str | Path) -> dict[str, Any]:
     unknown = set(cfg) - {"out", "experiment", "data", "stages", "summary"}
     if unknown:
         raise ValueError(f"{path}: unknown top-level key(s) {sorted(unknown)}")
+    bad = set(cfg.get("summary") or {}) - {"dense", "visor", "fastv"}
+    if bad:
+        raise ValueError(f"{path}: unknown key(s) summary.{sorted(bad)}; expected dense, visor, fastv")
     names = []
     for i, st in enumerate(cfg["stages"]):
         bad = set(st) - STAGE_KEYS
@@ -169,7 +172,8 @@ def run_pipeline(cfg: dict[str, Any], restart: bool = False, only_data: bool = F
                 done[st["name"]] = root
         finally:
             os.environ.pop(PARENT_ENV, None)
-        summary = summarize(cfg, out, done)
+        peer = fastv_peer(cfg, out, done, list(extra or []), restart) if (cfg.get("summary") or {}).get("fastv") else None
+        summary = summarize(cfg, out, done, peer)
         summary["seconds"] = {**timings, "total": round(time.perf_counter() - t0, 1)}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         (out / "summary.md").write_text(summary["table"] + "\n")
@@ -185,9 +189,65 @@ def run_pipeline(cfg: dict[str, Any], restart: bool = False, only_data: bool = F
     return 0
 
 
-def summarize(cfg: dict[str, Any], out: Path, done: dict[str, Path]) -> dict[str, Any]:
+def _results(done: dict[str, Path], name: str) -> dict[str, Any]:
+    path = done[name] / "eval.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"stage {name} left no eval.json ({path}): did its validation run?")
+    return json.loads(path.read_text())
+
+
+def fastv_peer(cfg: dict[str, Any], out: Path, done: dict[str, Path], extra: list[str], restart: bool) -> dict[str, Any]:
+    """FastV on the dense stage's weights at each VISOR fixed configuration's FLOPs (``summary.fastv``).
+
+    Each drop ratio is solved with the FLOPs model so that FastV's mean prefill FLOPs over the evaluation sets
+    (at their mean prompt token counts) equal the configuration's; then one ``visor eval`` scores them all on
+    the same sets. Kept when ``<out>/fastv/eval.json`` already holds the same targets.
+    """
+    from .evaluate import run_eval
+    from .flops import FlopsModel
+    from .lit.module import _saved_spec
+    from .models import LayerSchedule
+    from .models.fastv import FastVConfig
+
+    sm = cfg["summary"]
+    layer = int(sm["fastv"].get("layer", 2))
+    dense_name = sm.get("dense")
+    if not dense_name:
+        raise ValueError("summary.fastv needs summary.dense: FastV prunes the dense stage's model")
+    stage = next(st for st in cfg["stages"] if st["name"] == dense_name)
+    tokens = _results(done, dense_name).get("tokens") or {}
+    first = (sm.get("visor") or [cfg["stages"][-1]["name"]])[0]
+    visor = _results(done, first)["results"]
+    sets = [s for s in visor if s in tokens]
+    if not sets:
+        raise ValueError(f"stage {dense_name}'s eval.json has no token counts for the sets of {first}: rerun it")
+    weights = done[dense_name] / "weights"
+    spec = _saved_spec(weights)
+    fm = FlopsModel(spec, LayerSchedule.dense(spec.text.num_layers))
+    work = [(tokens[s]["text"], tokens[s]["visual"]) for s in sets]
+    matched: dict[str, str] = {}
+    for name in visor[sets[0]]:
+        if name == "policy":
+            continue
+        target = 1e9 * sum(visor[s][name]["gflops"] for s in sets) / len(sets)
+        matched[FastVConfig(layer, fm.fastv_ratio_for(target, work, layer)).name] = name
+    eval_dir = out / "fastv"
+    prev = eval_dir / "eval.json"
+    if not restart and prev.is_file() and set(json.loads(prev.read_text())["results"][sets[0]]) == set(matched):
+        print(f"== FastV peer: evaluated earlier ({prev}), kept")
+        doc = json.loads(prev.read_text())
+    else:
+        print(f"== FastV peer on {dense_name}: " + ", ".join(f"{k} ~ {v}" for k, v in matched.items()))
+        stage_extra = [a for k, v in (stage.get("args") or {}).items() for a in (f"--{k}", str(v))]
+        doc = run_eval([stage["config"]], str(weights), targets=",".join(matched), out=str(eval_dir),
+                       extra=stage_extra + extra)
+    return {"layer": layer, "matched": matched, "results": doc["results"]}
+
+
+def summarize(cfg: dict[str, Any], out: Path, done: dict[str, Path], fastv: dict[str, Any] | None = None) -> dict[str, Any]:
     """One table: dense (the ``summary.dense`` stage), every fixed configuration and each policy (the
-    ``summary.visor`` stages), with accuracy per evaluation set and the prefill-FLOPs saving vs dense."""
+    ``summary.visor`` stages), FastV at each fixed configuration's FLOPs when ``fastv`` is given, with accuracy
+    per evaluation set and the prefill-FLOPs saving vs dense."""
     from visor_lightning.callbacks.mlflow_artifacts import plot_accuracy_vs_flops
 
     sm = cfg.get("summary") or {}
@@ -195,10 +255,7 @@ def summarize(cfg: dict[str, Any], out: Path, done: dict[str, Path]) -> dict[str
     visor_stages = sm.get("visor") or [cfg["stages"][-1]["name"]]
 
     def results(name: str) -> dict[str, Any]:
-        path = done[name] / "eval.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"stage {name} left no eval.json ({path}): did its validation run?")
-        return json.loads(path.read_text())["results"]
+        return _results(done, name)["results"]
 
     rows: list[dict[str, Any]] = []
     dense_res: dict[str, dict[str, float]] = {}
@@ -226,6 +283,12 @@ def summarize(cfg: dict[str, Any], out: Path, done: dict[str, Path]) -> dict[str
                          "saving": {s: (dense_res[s]["gflops"] / r[s][name]["gflops"]) if s in dense_res else r[s][name]["saving"] for s in sets},
                          "choice": r[sets[0]][name].get("choice")})
         fixed_done = True
+    for name, like in (fastv or {}).get("matched", {}).items():
+        r = fastv["results"]
+        sets = [s for s in r if name in r[s]]
+        rows.append({"config": f"{name} ~ {like}", "sa": "all, pruned", "acc": {s: r[s][name]["acc"] for s in sets},
+                     "gflops": {s: r[s][name]["gflops"] for s in sets},
+                     "saving": {s: (dense_res[s]["gflops"] / r[s][name]["gflops"]) if s in dense_res else r[s][name]["saving"] for s in sets}})
     sets = list(rows[0]["acc"]) if rows else []
     head = "| config | SA layers | " + " | ".join(f"{s} acc (%)" for s in sets) + " | prefill GFLOPs/sample | FLOPs saving vs dense |"
     lines = [head, "|" + "---|" * (4 + len(sets))]
@@ -242,5 +305,9 @@ def summarize(cfg: dict[str, Any], out: Path, done: dict[str, Path]) -> dict[str
             for s, per in results(st).items():
                 if "policy" in per:
                     merged[s][f"policy ({st})"] = per["policy"]
+        for name, like in (fastv or {}).get("matched", {}).items():
+            for s, per in fastv["results"].items():
+                if s in merged and name in per:
+                    merged[s][name] = per[name]
         plot = str(plot_accuracy_vs_flops(merged, out / "plots" / "summary_acc_vs_flops.png", "VISOR", dense_res or None))
     return {"rows": rows, "table": "\n".join(lines), "plot": plot}

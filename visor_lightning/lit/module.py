@@ -20,6 +20,7 @@ from torchmetrics import MeanMetric
 
 from visor_lightning.flops import FlopsModel
 from visor_lightning.models import BackboneSpec, LayerSchedule, ScheduleConfig, VisorModel
+from visor_lightning.models.fastv import FastVConfig
 
 from .metrics import ChoiceCounts, ExactMatch, metric_key, normalize_answer
 
@@ -101,6 +102,7 @@ class VisorLitModule(pl.LightningModule):
         if expected_trainable is not None and self.num_trainable() != expected_trainable:
             raise ValueError(f"{self.stage}: {self.num_trainable()} trainable parameters, expected {expected_trainable}")
         self.eval_results: dict[str, dict[str, dict[str, float]]] = {}
+        self.eval_tokens: dict[str, dict[str, float]] = {}  # per val set: mean prompt text / visual tokens
         self.sample_records: list[dict[str, Any]] | None = None  # a list: validation keeps one record per sample
         self.last_layer_calls: dict[str, int] = {}
         self._metrics_ready = False
@@ -202,9 +204,7 @@ class VisorLitModule(pl.LightningModule):
         With VISOR-TR pooling, the dense reference is the unpooled host model (its visual-token count comes from
         ``image_sizes``), so savings are quoted against dense LLaVA-OV as the paper's are.
         """
-        vis = ids == self.spec.image_token_id
-        nt = ((~vis) & mask.bool()).sum(1).tolist()
-        nv = vis.sum(1).tolist()
+        nt, nv = self.token_counts(ids, mask)
         nv_dense = nv
         if self.spec.token_pool != 1 and image_sizes is not None:
             unpooled = dataclasses.replace(self.spec, token_pool=1)
@@ -214,6 +214,11 @@ class VisorLitModule(pl.LightningModule):
         f = [fm.prefill(feas[c], t, v, routed=routed) for c, t, v in zip(config_ids.tolist(), nt, nv)]
         d = [dense.prefill(None, t, v) for t, v in zip(nt, nv_dense)]
         return torch.tensor(f, dtype=torch.float64), torch.tensor(d, dtype=torch.float64)
+
+    def token_counts(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[list[int], list[int]]:
+        """(text tokens, visual tokens) per sample of a padded batch."""
+        vis = ids == self.spec.image_token_id
+        return ((~vis) & mask.bool()).sum(1).tolist(), vis.sum(1).tolist()
 
     def flops_models(self) -> tuple[FlopsModel, FlopsModel]:
         key = self.schedule.feasible
@@ -249,9 +254,14 @@ class VisorLitModule(pl.LightningModule):
             return [names[self.schedule.full_config]]
         if spec == "all":
             return list(names)
-        bad = [n for n in spec if n != POLICY and n not in names]
+        fastv = [n for n in spec if FastVConfig.parse(n) is not None]
+        bad = [n for n in spec if n != POLICY and n not in names and n not in fastv]
         if bad:
-            raise ValueError(f"model.eval_configs: {bad} are not feasible; feasible: {names}")
+            raise ValueError(f"model.eval_configs: {bad} are not feasible; feasible: {names} "
+                             "(or the FastV peer on a dense model: fastv(k=K,r=R))")
+        if fastv and self.schedule.ca_layers:
+            raise ValueError(f"model.eval_configs: {fastv} prune the dense host model; this model has CA layers "
+                             "(evaluate FastV on the dense base stage's weights)")
         return list(spec)
 
     def val_set_names(self) -> list[str]:
@@ -268,11 +278,14 @@ class VisorLitModule(pl.LightningModule):
         self.dense_mean = torch.nn.ModuleDict()
         self.val_loss = torch.nn.ModuleDict()
         self.choice = torch.nn.ModuleDict()
+        self.tokens_mean = torch.nn.ModuleDict()  # mean prompt (text, visual) tokens: what the FLOPs are quoted at
         for s in self.val_set_names():
             self.dense_mean[s] = MeanMetric()
+            self.tokens_mean[f"{s}|text"] = MeanMetric()
+            self.tokens_mean[f"{s}|visual"] = MeanMetric()
             self.val_loss[s] = MeanMetric()
             for t in self.eval_targets():
-                k = f"{s}|{metric_key(t)}"
+                k = _metric_slot(s, t)
                 self.em[k] = ExactMatch()
                 self.flops_mean[k] = MeanMetric()
             self.choice[s] = ChoiceCounts(len(self.schedule.feasible))
@@ -297,24 +310,33 @@ class VisorLitModule(pl.LightningModule):
         _, dense = self.flops_per_sample(batch["prompt_ids"], batch["prompt_mask"], full, routed=False,
                                          image_sizes=batch["image_sizes"])
         self.dense_mean[s].update(dense)
+        nt, nv = self.token_counts(batch["prompt_ids"], batch["prompt_mask"])
+        self.tokens_mean[f"{s}|text"].update(torch.tensor(nt, dtype=torch.float64))
+        self.tokens_mean[f"{s}|visual"].update(torch.tensor(nv, dtype=torch.float64))
         for t in self.eval_targets():
-            use_policy = t == POLICY
-            cids = None if use_policy else torch.full((bs,), self.schedule.index(t), device=self.device)
+            use_policy, fastv = t == POLICY, FastVConfig.parse(t)
+            cids = None if use_policy or fastv else torch.full((bs,), self.schedule.index(t), device=self.device)
             tokens, chosen = self.model.generate(
                 batch["prompt_ids"], batch["pixel_values"], batch["image_sizes"], batch["prompt_mask"],
                 max_new_tokens=self.hparams.max_new_tokens, config_ids=cids, use_policy=use_policy,
-                eos_token_id=tok.eos_token_id,
+                eos_token_id=tok.eos_token_id, fastv=fastv,
             )
             preds = tok.batch_decode(tokens, skip_special_tokens=True)
-            k = f"{s}|{metric_key(t)}"
+            k = _metric_slot(s, t)
             self.em[k].update(preds, batch["answer"])
-            flops, _ = self.flops_per_sample(batch["prompt_ids"], batch["prompt_mask"], chosen, routed=use_policy)
+            if fastv:
+                dense_fm = self.flops_models()[1]
+                flops = torch.tensor([dense_fm.fastv_prefill(a, b, fastv.layer, fastv.ratio) for a, b in zip(nt, nv)],
+                                     dtype=torch.float64)
+            else:
+                flops, _ = self.flops_per_sample(batch["prompt_ids"], batch["prompt_mask"], chosen, routed=use_policy)
             self.flops_mean[k].update(flops)
             if self.sample_records is not None:
                 self.sample_records += [
                     {"set": s, "target": t, "id": batch["id"][i], "subset": batch["subset"][i], "prediction": p,
                      "answer": a, "correct": normalize_answer(p) == normalize_answer(a),
-                     "config": self.schedule.names[int(c)], "gflops": float(f) / 1e9, "dense_gflops": float(d) / 1e9}
+                     "config": t if fastv else self.schedule.names[int(c)], "gflops": float(f) / 1e9,
+                     "dense_gflops": float(d) / 1e9}
                     for i, (p, a, c, f, d) in enumerate(zip(preds, batch["answer"], chosen.tolist(), flops, dense))
                 ]
             if use_policy:
@@ -340,7 +362,7 @@ class VisorLitModule(pl.LightningModule):
             log(f"{prefix}/{s}/gflops/dense", dense / 1e9)
             results[s] = {}
             for t in self.eval_targets():
-                k = f"{s}|{metric_key(t)}"
+                k = _metric_slot(s, t)
                 acc, flops = float(self.em[k].compute()), float(self.flops_mean[k].compute())
                 results[s][t] = {"acc": acc, "gflops": flops / 1e9, "saving": dense / flops if flops else float("nan")}
                 log(f"{prefix}/{s}/acc/{metric_key(t)}", acc)
@@ -352,12 +374,20 @@ class VisorLitModule(pl.LightningModule):
                 results[s][POLICY]["choice"] = {n: float(x) for n, x in zip(self.schedule.names, share)}
                 for n, x in zip(self.schedule.names, share):
                     log(f"{prefix}/{s}/policy_share/{metric_key(n)}", x)
+            self.eval_tokens[s] = {kind: float(self.tokens_mean[f"{s}|{kind}"].compute()) for kind in ("text", "visual")}
             self.dense_mean[s].reset()
+            for kind in ("text", "visual"):
+                self.tokens_mean[f"{s}|{kind}"].reset()
             self.val_loss[s].reset()
             self.choice[s].reset()
         for m in list(self.em.values()) + list(self.flops_mean.values()):
             m.reset()
         self.eval_results = results
+
+
+def _metric_slot(val_set: str, target: str) -> str:
+    """ModuleDict key of a (val set, target) metric: no dots, which torch refuses in module names."""
+    return f"{val_set}|{metric_key(target)}".replace(".", "p")
 
 
 def _as_backbone(value: BackboneSpec | dict | None) -> BackboneSpec | None:

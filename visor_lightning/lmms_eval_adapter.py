@@ -1,0 +1,207 @@
+"""lmms-eval adapter: run the paper's benchmarks (DocVQA, ChartQA, InfoVQA, OCRBench, TextVQA, POPE, GQA, ScienceQA,
+MME, AI2D, RealWorldQA) on a VISOR checkpoint with lmms-eval, on a GPU cluster.
+
+lmms-eval is an optional extra (``pip install lmms-eval``): nothing here imports it until :func:`register` runs.
+``VisorLMM`` does the work on lmms-eval's request layout (``Instance.args``), so it is tested offline without
+lmms-eval; ``register()`` subclasses ``lmms_eval.api.model.lmms`` around it under the name ``visor``::
+
+    python -c "import visor_lightning.lmms_eval_adapter as a; a.register(); import lmms_eval.__main__ as m; m.cli_evaluate()" \\
+        --model visor --model_args weights=runs/x/policy/weights,processor=/models/llava-onevision-qwen2-0.5b-ov-hf,target=policy \\
+        --tasks docvqa_val,chartqa,pope --batch_size 8
+
+Prompts go through the checkpoint's chat template with ``<image>`` in front of the task's context, as LLaVA-OV's
+own lmms-eval model does. Every request's configuration and analytic prefill FLOPs are kept (``flops_summary``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .models.fastv import FastVConfig
+
+POLICY = "policy"
+
+
+class VisorLMM:
+    """A VISOR checkpoint answering lmms-eval requests.
+
+    Args:
+        weights: a stage's ``weights/`` directory, a ``.ckpt`` or a DeepSpeed checkpoint directory.
+        processor: directory with the tokenizer and ``preprocessor_config.json`` (the LLaVA-OV checkpoint's own).
+        target: ``policy`` (per-sample choice), a configuration name such as ``sa[0,12]``, or on a dense model
+            ``fastv(k=K,r=R)``.
+        batch_size: requests per forward (left-padded).
+        max_new_tokens: default generation length when the task gives none.
+        token_pool: VISOR-TR pooling factor, None keeps the checkpoint's.
+        device, dtype: default cuda + bfloat16 when present, else cpu + float32.
+    """
+
+    def __init__(self, weights: str, processor: str, target: str = POLICY, batch_size: int | str = 1,
+                 max_new_tokens: int | str = 32, token_pool: int | str | None = None, device: str | None = None,
+                 dtype: str | None = None) -> None:
+        from visor_lightning.data.collate import Encoder, image_processor_for
+        from visor_lightning.data.tokenizer import load_tokenizer
+        from visor_lightning.flops import FlopsModel
+        from visor_lightning.lit.weights import load_weights, weights_dir
+        from visor_lightning.models import LayerSchedule
+
+        if not Path(weights).exists():
+            raise FileNotFoundError(f"weights={weights}: no such file or directory")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.model = load_weights(weights_dir(weights)).to(self.device, self.dtype).eval()
+        if token_pool is not None:
+            self.model.set_token_pool(int(token_pool))
+        spec, sch = self.model.backbone, self.model.schedule
+        self.fastv = FastVConfig.parse(target)
+        if target != POLICY and self.fastv is None and target not in sch.names:
+            raise ValueError(f"target={target!r}: not 'policy', a feasible configuration {sch.names} or fastv(k=K,r=R)")
+        if self.fastv is not None and sch.ca_layers:
+            raise ValueError(f"target={target!r}: FastV prunes a dense model; {weights} has CA layers")
+        if target == POLICY and sch.router_layer is None:
+            raise ValueError(f"target=policy: {weights} has no policy (a single configuration); name one of {sch.names}")
+        self.target = target
+        self.encoder = Encoder(load_tokenizer(processor), spec, image_processor_for(spec, processor))
+        self.tok = self.encoder.tok
+        self.batch_size, self.max_new_tokens = int(batch_size), int(max_new_tokens)
+        self.flops_model = FlopsModel(spec, sch)
+        self.dense_flops_model = FlopsModel(spec, LayerSchedule.dense(sch.num_layers))
+        self.records: list[dict[str, Any]] = []
+
+    # ---- encoding ---------------------------------------------------------------------------------------
+    def _encode(self, context: str, visuals: Sequence[Any], answer: str, where: str):
+        from visor_lightning.data.schema import Conversation
+
+        images = [v for v in visuals or [] if v is not None]
+        if len(images) != 1:
+            raise ValueError(f"{where}: VISOR's collator takes exactly one image per request, got {len(images)}")
+        image = images[0].convert("RGB")
+        conv = Conversation(id=where, turns=[("human", "<image>\n" + context), ("gpt", answer)], source="lmms-eval", subset="")
+        return self.encoder(conv, image)
+
+    def _generate(self, encoded: list, max_new_tokens: int) -> tuple[list[str], torch.Tensor, dict[str, Any]]:
+        from visor_lightning.data.collate import collate
+
+        b = collate(encoded, self.encoder.pad_id)
+        dev = self.device
+        cids = None
+        if self.target != POLICY and self.fastv is None:
+            cids = torch.full((len(encoded),), self.model.schedule.index(self.target), device=dev)
+        tokens, chosen = self.model.generate(
+            b["prompt_ids"].to(dev), b["pixel_values"].to(dev, self.dtype), b["image_sizes"].to(dev),
+            b["prompt_mask"].to(dev), max_new_tokens=max_new_tokens, config_ids=cids,
+            use_policy=self.target == POLICY, eos_token_id=self.tok.eos_token_id, fastv=self.fastv,
+        )
+        return self.tok.batch_decode(tokens, skip_special_tokens=True), chosen, b
+
+    def _record(self, where: str, b: dict[str, Any], chosen: torch.Tensor) -> None:
+        """Per request of a batch (``where`` names its last one): the configuration run and its FLOPs."""
+        vis = b["prompt_ids"] == self.model.backbone.image_token_id
+        nt = ((~vis) & b["prompt_mask"].bool()).sum(1).tolist()
+        nv = vis.sum(1).tolist()
+        feas, names = self.model.schedule.feasible, self.model.schedule.names
+        for i, (t, v, c) in enumerate(zip(nt, nv, chosen.tolist())):
+            if self.fastv is not None:
+                f, name = self.dense_flops_model.fastv_prefill(t, v, self.fastv.layer, self.fastv.ratio), self.target
+            else:
+                f, name = self.flops_model.prefill(feas[c], t, v, routed=self.target == POLICY), names[c]
+            self.records.append({"request": where, "config": name, "gflops": f / 1e9,
+                                 "dense_gflops": self.dense_flops_model.prefill(None, t, v) / 1e9})
+
+    # ---- lmms-eval's request types ----------------------------------------------------------------------
+    def generate_until(self, requests: Sequence[Any], task_dict: dict[str, Any]) -> list[str]:
+        """``Instance.args`` = (context, gen_kwargs, doc_to_visual, doc_id, task, split): greedy answers, cut
+        at the first of ``gen_kwargs['until']``."""
+        out: list[str] = []
+        for start in range(0, len(requests), self.batch_size):
+            chunk = requests[start : start + self.batch_size]
+            encoded, stops, lengths, where = [], [], [], ""
+            for req in chunk:
+                context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
+                where = f"{task}/{split}/{doc_id}"
+                encoded.append(self._encode(context, doc_to_visual(task_dict[task][split][doc_id]), "x", where))
+                until = (gen_kwargs or {}).get("until") or []
+                stops.append([until] if isinstance(until, str) else list(until))
+                lengths.append(int((gen_kwargs or {}).get("max_new_tokens", self.max_new_tokens)))
+            texts, chosen, b = self._generate(encoded, max(lengths))
+            for i, text in enumerate(texts):
+                for s in stops[i]:
+                    text = text.split(s)[0] if s else text
+                out.append(text.strip())
+            self._record(where, b, chosen)
+        return out
+
+    def loglikelihood(self, requests: Sequence[Any], task_dict: dict[str, Any]) -> list[tuple[float, bool]]:
+        """``Instance.args`` = (context, doc_to_target, doc_to_visual, doc_id, task, split): log P(continuation |
+        image, context) summed over the continuation's tokens, and whether greedy decoding would produce them."""
+        from visor_lightning.data.collate import collate
+
+        if self.fastv is not None:
+            raise NotImplementedError("loglikelihood with FastV: score FastV through generate_until tasks")
+        out: list[tuple[float, bool]] = []
+        for req in requests:
+            context, doc_to_target, doc_to_visual, doc_id, task, split = req.args
+            doc = task_dict[task][split][doc_id]
+            continuation = doc_to_target(doc) if callable(doc_to_target) else str(doc_to_target)
+            where = f"{task}/{split}/{doc_id}"
+            e = self._encode(context, doc_to_visual(doc), continuation, where)
+            n = len(self.tok(continuation, add_special_tokens=False)["input_ids"])
+            b = collate([e], self.encoder.pad_id)
+            dev = self.device
+            with torch.no_grad():
+                cids = None
+                if self.target == POLICY:  # the configuration the policy picks for this prompt
+                    cids = self.model(b["prompt_ids"].to(dev), b["pixel_values"].to(dev, self.dtype), b["image_sizes"].to(dev),
+                                      b["prompt_mask"].to(dev), use_policy=True, last_only=True).lm.config_ids
+                else:
+                    cids = torch.tensor([self.model.schedule.index(self.target)], device=dev)
+                res = self.model(b["input_ids"].to(dev), b["pixel_values"].to(dev, self.dtype), b["image_sizes"].to(dev),
+                                 b["attention_mask"].to(dev), config_ids=cids)
+            targets = self.model.text_targets(b["labels"].to(dev), res.lm.streams.text_idx)[0]
+            pos = (targets != -100).nonzero().flatten()[:n]  # the continuation's tokens (the end-of-turn ones follow)
+            logp = res.logits[0, pos].float().log_softmax(-1)
+            tgt = targets[pos]
+            out.append((float(logp.gather(1, tgt[:, None]).sum()), bool((logp.argmax(-1) == tgt).all())))
+        return out
+
+    def flops_summary(self) -> dict[str, Any]:
+        """Mean analytic prefill GFLOPs per request, dense's, the saving, and how often each configuration ran."""
+        if not self.records:
+            return {"requests": 0}
+        g = sum(r["gflops"] for r in self.records) / len(self.records)
+        d = sum(r["dense_gflops"] for r in self.records) / len(self.records)
+        share: dict[str, int] = {}
+        for r in self.records:
+            share[r["config"]] = share.get(r["config"], 0) + 1
+        return {"requests": len(self.records), "gflops": g, "dense_gflops": d, "saving": d / g, "configs": share}
+
+
+def register(name: str = "visor") -> type:
+    """Register ``VisorLMM`` with lmms-eval as ``--model visor`` (needs ``pip install lmms-eval``)."""
+    try:
+        from lmms_eval.api.model import lmms
+        from lmms_eval.api.registry import register_model
+    except ImportError as e:
+        raise ImportError("the lmms-eval adapter needs lmms-eval: pip install lmms-eval (an optional extra)") from e
+
+    class Visor(lmms):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__()
+            self.core = VisorLMM(**kwargs)
+
+        def generate_until(self, requests):
+            return self.core.generate_until(requests, self.task_dict)
+
+        def loglikelihood(self, requests):
+            return self.core.loglikelihood(requests, self.task_dict)
+
+        def generate_until_multi_round(self, requests):
+            raise NotImplementedError("visor: multi-round generation is not supported; use single-round tasks")
+
+    return register_model(name)(Visor)
+
+
+__all__ = ["POLICY", "VisorLMM", "register"]
