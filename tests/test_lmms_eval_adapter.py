@@ -49,6 +49,16 @@ def _requests(docs, kind="generate_until", continuation=None):
     return [Instance(kind, (d["question"], continuation[i], visual, i, "easy", "val")) for i, d in docs.items()]
 
 
+def _data_path(weights, data, batch: int):
+    """The checkpoint, the easy_val loader the training/eval path uses, and its tokenizer."""
+    model = load_weights(weights).eval()
+    dm = VisorDataModule(val={"easy": str(data / "easy_val-manifest.json")}, tokenizer=str(data / "tokenizer"),
+                         batch_size=4, eval_batch_size=batch, num_workers=0)
+    dm.backbone = model.backbone
+    dm.setup("validate")
+    return model, dm.val_dataloader()[0], dm.encoder.tok
+
+
 @pytest.mark.parametrize("target", ["sa[0,3]", "policy"])
 def test_answers_equal_the_data_path(tiny_pipeline, target):
     data, out = tiny_pipeline["data"], tiny_pipeline["out"]
@@ -57,14 +67,9 @@ def test_answers_equal_the_data_path(tiny_pipeline, target):
     lmm = VisorLMM(weights=str(weights), processor=str(out / "base" / "hf"), target=target, batch_size=3)
     got = dict(zip(docs, lmm.generate_until(_requests(docs), {"easy": {"val": docs}})))
 
-    model = load_weights(weights).eval()
-    dm = VisorDataModule(val={"easy": str(data / "easy_val-manifest.json")}, tokenizer=str(data / "tokenizer"),
-                         batch_size=4, eval_batch_size=5, num_workers=0)
-    dm.backbone = model.backbone
-    dm.setup("validate")
-    tok = dm.encoder.tok
+    model, loader, tok = _data_path(weights, data, batch=5)
     seen = 0
-    for batch in dm.val_dataloader()[0]:
+    for batch in loader:
         use_policy = target == "policy"
         ids = None if use_policy else torch.full((len(batch["id"]),), model.schedule.index(target))
         tokens, _ = model.generate(batch["prompt_ids"], batch["pixel_values"], batch["image_sizes"], batch["prompt_mask"],
@@ -89,13 +94,8 @@ def test_loglikelihood_equals_the_teacher_forced_data_path(tiny_pipeline):
     answers = {i: d["answer"] for i, d in docs.items()}
     scored = dict(zip(docs, lmm.loglikelihood(_requests(docs, "loglikelihood", answers), {"easy": {"val": docs}})))
 
-    model = load_weights(weights).eval()
-    dm = VisorDataModule(val={"easy": str(data / "easy_val-manifest.json")}, tokenizer=str(data / "tokenizer"),
-                         batch_size=4, eval_batch_size=4, num_workers=0)
-    dm.backbone = model.backbone
-    dm.setup("validate")
-    tok = dm.encoder.tok
-    for batch in dm.val_dataloader()[0]:
+    model, loader, tok = _data_path(weights, data, batch=4)
+    for batch in loader:
         ids = torch.full((len(batch["id"]),), model.schedule.index("sa[0,3,5]"))
         with torch.no_grad():
             res = model(batch["input_ids"], batch["pixel_values"], batch["image_sizes"], batch["attention_mask"], config_ids=ids)

@@ -259,6 +259,15 @@ def summarize(cfg: dict[str, Any], out: Path, done: dict[str, Path], fastv: dict
 
     rows: list[dict[str, Any]] = []
     dense_res: dict[str, dict[str, float]] = {}
+
+    def row(label: str, sa: str, r: dict[str, Any], name: str) -> dict[str, Any]:
+        """A table row for target ``name`` of eval results ``r``: accuracy, GFLOPs and saving per set."""
+        sets = [s for s in r if name in r[s]]
+        return {"config": label, "sa": sa, "acc": {s: r[s][name]["acc"] for s in sets},
+                "gflops": {s: r[s][name]["gflops"] for s in sets},
+                "saving": {s: dense_res[s]["gflops"] / r[s][name]["gflops"] if s in dense_res else r[s][name]["saving"]
+                           for s in sets}}
+
     if dense_stage:
         r = results(dense_stage)
         for s, per in r.items():
@@ -278,17 +287,10 @@ def summarize(cfg: dict[str, Any], out: Path, done: dict[str, Path], fastv: dict
             else:
                 label = name
             sa = "per sample" if name == "policy" else str(name.count(",") + 1 if name != "sa[]" else 0)
-            rows.append({"config": label, "sa": sa, "acc": {s: r[s][name]["acc"] for s in sets},
-                         "gflops": {s: r[s][name]["gflops"] for s in sets},
-                         "saving": {s: (dense_res[s]["gflops"] / r[s][name]["gflops"]) if s in dense_res else r[s][name]["saving"] for s in sets},
-                         "choice": r[sets[0]][name].get("choice")})
+            rows.append({**row(label, sa, r, name), "choice": r[sets[0]][name].get("choice")})
         fixed_done = True
     for name, like in (fastv or {}).get("matched", {}).items():
-        r = fastv["results"]
-        sets = [s for s in r if name in r[s]]
-        rows.append({"config": f"{name} ~ {like}", "sa": "all, pruned", "acc": {s: r[s][name]["acc"] for s in sets},
-                     "gflops": {s: r[s][name]["gflops"] for s in sets},
-                     "saving": {s: (dense_res[s]["gflops"] / r[s][name]["gflops"]) if s in dense_res else r[s][name]["saving"] for s in sets}})
+        rows.append(row(f"{name} ~ {like}", "all, pruned", fastv["results"], name))
     sets = list(rows[0]["acc"]) if rows else []
     head = "| config | SA layers | " + " | ".join(f"{s} acc (%)" for s in sets) + " | prefill GFLOPs/sample | FLOPs saving vs dense |"
     lines = [head, "|" + "---|" * (4 + len(sets))]
