@@ -76,15 +76,18 @@ def test_pipeline_hands_over_and_summarises(tiny_pipeline):
     configs = [r["config"] for r in summary["rows"]]
     assert configs[0] == "dense" and "policy (policy)" in configs and "policy (policy_budget)" in configs
     assert "| dense | all |" in summary["table"] and (out / "plots" / "summary_acc_vs_flops.png").stat().st_size > 5000
-    # the FastV peer: one row per fixed configuration, on the dense base, at that configuration's FLOPs
+    # the FastV peer on the dense base, at each fixed configuration's FLOPs (equal-cost ones share a row)
     fixed = {r["config"]: r for r in summary["rows"] if r["config"].startswith("sa[")}
     fastv = [r for r in summary["rows"] if r["config"].startswith("fastv(k=1,")]
-    assert len(fastv) == len(fixed) == 4 and all(r["sa"] == "all, pruned" for r in fastv)
     mean = lambda row: sum(row["gflops"].values()) / len(row["gflops"])  # noqa: E731
+    covered = []
     for r in fastv:
-        like = fixed[r["config"].split(" ~ ")[1]]
-        assert abs(mean(r) - mean(like)) <= 0.05 * mean(like), (r["config"], mean(r), mean(like))
-        assert set(r["acc"]) == set(like["acc"]) == {"easy", "hard"}
+        assert r["sa"] == "all, pruned" and set(r["acc"]) == {"easy", "hard"}
+        for name in r["config"].split(" ~ ")[1].split(", "):
+            like = fixed[name]
+            covered.append(name)
+            assert abs(mean(r) - mean(like)) <= 0.05 * mean(like), (r["config"], mean(r), mean(like))
+    assert sorted(covered) == sorted(fixed) and len(fixed) == 4 and len(fastv) == 3  # sa[0,3], sa[0,5] cost the same
     assert (out / "fastv" / "eval.json").is_file()
     universal = json.loads((out / "universal" / "weights" / "visor.json").read_text())
     assert set(universal["search"]["candidates"]) == {"sa[0]", "sa[0,3]", "sa[0,5]", "sa[0,3,5]"}

@@ -225,19 +225,19 @@ def fastv_peer(cfg: dict[str, Any], out: Path, done: dict[str, Path], extra: lis
     spec = _saved_spec(weights)
     fm = FlopsModel(spec, LayerSchedule.dense(spec.text.num_layers))
     work = [(tokens[s]["text"], tokens[s]["visual"]) for s in sets]
-    matched: dict[str, str] = {}
+    matched: dict[str, list[str]] = {}  # FastV target -> the configurations it matches (equal-cost ones share it)
     for name in visor[sets[0]]:
         if name == "policy":
             continue
         target = 1e9 * sum(visor[s][name]["gflops"] for s in sets) / len(sets)
-        matched[FastVConfig(layer, fm.fastv_ratio_for(target, work, layer)).name] = name
+        matched.setdefault(FastVConfig(layer, fm.fastv_ratio_for(target, work, layer)).name, []).append(name)
     eval_dir = out / "fastv"
     prev = eval_dir / "eval.json"
     if not restart and prev.is_file() and set(json.loads(prev.read_text())["results"][sets[0]]) == set(matched):
         print(f"== FastV peer: evaluated earlier ({prev}), kept")
         doc = json.loads(prev.read_text())
     else:
-        print(f"== FastV peer on {dense_name}: " + ", ".join(f"{k} ~ {v}" for k, v in matched.items()))
+        print(f"== FastV peer on {dense_name}: " + "; ".join(f"{k} ~ {', '.join(v)}" for k, v in matched.items()))
         stage_extra = [a for k, v in (stage.get("args") or {}).items() for a in (f"--{k}", str(v))]
         doc = run_eval([stage["config"]], str(weights), targets=",".join(matched), out=str(eval_dir),
                        extra=stage_extra + extra)
@@ -290,7 +290,7 @@ def summarize(cfg: dict[str, Any], out: Path, done: dict[str, Path], fastv: dict
             rows.append({**row(label, sa, r, name), "choice": r[sets[0]][name].get("choice")})
         fixed_done = True
     for name, like in (fastv or {}).get("matched", {}).items():
-        rows.append(row(f"{name} ~ {like}", "all, pruned", fastv["results"], name))
+        rows.append(row(f"{name} ~ {', '.join(like)}", "all, pruned", fastv["results"], name))
     sets = list(rows[0]["acc"]) if rows else []
     head = "| config | SA layers | " + " | ".join(f"{s} acc (%)" for s in sets) + " | prefill GFLOPs/sample | FLOPs saving vs dense |"
     lines = [head, "|" + "---|" * (4 + len(sets))]
@@ -307,7 +307,7 @@ def summarize(cfg: dict[str, Any], out: Path, done: dict[str, Path], fastv: dict
             for s, per in results(st).items():
                 if "policy" in per:
                     merged[s][f"policy ({st})"] = per["policy"]
-        for name, like in (fastv or {}).get("matched", {}).items():
+        for name in (fastv or {}).get("matched", {}):
             for s, per in fastv["results"].items():
                 if s in merged and name in per:
                     merged[s][name] = per[name]
