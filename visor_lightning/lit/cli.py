@@ -10,6 +10,7 @@ where the hardware has it, a Rich progress bar, data skip counts, and the final 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ from lightning.pytorch.cli import LightningCLI
 from visor_lightning.data.datamodule import VisorDataModule
 
 from .module import VisorLitModule
-from .tracking import open_stage_logger
+from .safety import NonFiniteLossError
+from .tracking import TrackingUnavailable, check_tracking_server, open_stage_logger
 
 
 def default_precision() -> str:
@@ -60,17 +62,43 @@ def accumulation(global_batch: int | None, per_device: int, devices: Any, num_no
 
 
 def latest_checkpoint(root: Path) -> str | None:
-    """``--ckpt_path last``: the newest of ``checkpoints/last.ckpt`` and the ``hpc_ckpt_<n>.ckpt`` written on a
-    Slurm pre-emption signal (callbacks/preemption.py); None (a fresh start) when neither exists yet, e.g. a job's
-    first run."""
-    found = [root / "checkpoints" / "last.ckpt", *root.glob("hpc_ckpt_*.ckpt")]
-    found = [p for p in found if p.exists()]
-    if not found:
+    """``--ckpt_path last``: the newest valid one of ``checkpoints/last.ckpt``, the periodic ``step=N.ckpt`` and
+    the ``hpc_ckpt_<n>.ckpt`` written on a Slurm pre-emption signal (callbacks/preemption.py); a damaged file is
+    skipped with a message. None (a fresh start) when there is none yet, e.g. a job's first run."""
+    from .safety import checkpoint_candidates, last_good_checkpoint
+
+    newest = last_good_checkpoint(root)
+    if newest is None:
+        if checkpoint_candidates(root):
+            raise ValueError(f"--ckpt_path last: every checkpoint in {root} is damaged (see above); "
+                             "move them away to start from the beginning")
         print(f"[visor] --ckpt_path last: no checkpoint in {root} yet, starting from the beginning")
         return None
-    newest = max(found, key=lambda p: p.stat().st_mtime)
     print(f"[visor] --ckpt_path last: resuming from {newest}")
     return str(newest)
+
+
+def config_error_place(message: str, argv: list[str]) -> str:
+    """Where the offending key of a jsonargparse error was set: ``lr`` -> "'lr' (stage.yaml line 12)"."""
+    import re
+
+    keys = re.findall(r'(?:Parser key|Key|Option) ["\']([\w.]+)["\']', message)
+    missing = re.findall(r"File does not exist: '([^']+)'", message)
+    if missing or not keys:
+        return f"config file {missing[0]} not found" if missing else "invalid configuration"
+    key = keys[-1]  # the innermost one
+    places = []
+    configs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    for f in configs:
+        try:
+            for n, line in enumerate(Path(f).read_text().splitlines(), 1):
+                if re.match(rf"\s*{re.escape(key.split('.')[-1])}\s*:", line):
+                    places.append(f"{f} line {n}")
+        except OSError:
+            places.append(f"{f} (unreadable)")
+    if any(a.split("=")[0].endswith("." + key) or a == f"--{key}" for a in argv):
+        places.append("the command line")
+    return f"key '{key}' ({', '.join(places) or 'set in ' + ', '.join(configs or ['the command line'])})"
 
 
 class VisorCLI(LightningCLI):
@@ -86,6 +114,20 @@ class VisorCLI(LightningCLI):
             args=args,
             run=run,
         )
+
+    def parse_arguments(self, parser, args) -> None:
+        """Parse errors name the key and where it was set (which --config file and line, or the command line),
+        before any model is built."""
+        from jsonargparse import ArgumentError
+
+        for p in [parser, *getattr(self, "_subcommand_parsers", {}).values()]:
+            p.exit_on_error = False
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as e:
+            argv = list(sys.argv[1:] if args is None else args)
+            print(f"visor {argv[0] if argv else ''}: error: {config_error_place(str(e), argv)}\n{e}", file=sys.stderr)
+            raise SystemExit(2) from None
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--experiment", type=str, default="visor", help="MLflow experiment name")
@@ -105,6 +147,8 @@ class VisorCLI(LightningCLI):
             cfg.trainer.default_root_dir = "runs/default"
         if self.subcommand == "fit" and cfg.get("ckpt_path") == "last":
             cfg.ckpt_path = latest_checkpoint(Path(cfg.trainer.default_root_dir))
+        if cfg.mlflow and not cfg.trainer.get("fast_dev_run"):
+            check_tracking_server()  # before any model is built: a dead server fails now, not after loading
 
     def instantiate_trainer(self, **kwargs: Any):
         from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -113,6 +157,8 @@ class VisorCLI(LightningCLI):
         from visor_lightning.callbacks.data_stats import DataStats
         from visor_lightning.callbacks.preemption import SlurmPreemption, in_slurm_batch_job
         from visor_lightning.callbacks.mlflow_artifacts import MlflowArtifacts
+
+        from .safety import AtomicCheckpointIO
 
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         root = Path(cfg.trainer.default_root_dir)
@@ -125,7 +171,10 @@ class VisorCLI(LightningCLI):
         if cfg.mlflow and not cfg.trainer.get("fast_dev_run"):
             logger = open_stage_logger(root, experiment=cfg.experiment, stage=stage, run_name=cfg.run_name,
                                        model=self.model, resume=resume)
-        callbacks = list(kwargs.pop("callbacks", None) or [])
+        # the user's trainer.callbacks (YAML or --trainer.callbacks+=...) first: kwargs would replace them otherwise
+        init = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        user = init.trainer.get("callbacks") or []
+        callbacks = [*(user if isinstance(user, list) else [user]), *(kwargs.pop("callbacks", None) or [])]
         callbacks += [
             ModelCheckpoint(dirpath=root / "checkpoints", filename="{step}", save_last=True, save_top_k=1,
                             every_n_train_steps=cfg.checkpoint_every_n_steps),
@@ -135,6 +184,8 @@ class VisorCLI(LightningCLI):
         ]
         if logger is not None:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
+        # every .ckpt write is atomic (DeepSpeed strategies write their own checkpoint directories and ignore it)
+        kwargs["plugins"] = [*(kwargs.get("plugins") or []), AtomicCheckpointIO()]
         if in_slurm_batch_job():
             # visor's SIGUSR1 handling replaces Lightning's (which checkpoints inside the signal handler)
             callbacks.append(SlurmPreemption(root))
@@ -168,4 +219,10 @@ def run_cli(args: list[str] | None) -> VisorCLI:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args is not None:  # the pipeline runs stages in-process on purpose
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    return VisorCLI(args=args)
+    try:
+        return VisorCLI(args=args)
+    except (TrackingUnavailable, NonFiniteLossError) as e:
+        if args is not None:
+            raise
+        print(f"visor: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -191,6 +191,21 @@ class VisorLitModule(pl.LightningModule):
                        image_sizes=batch["image_sizes"])
         return out.loss
 
+    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._batch_ids = list(batch.get("id") or [])
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        """Stop at a NaN/inf loss before it reaches the weights; every rank stops (the decision is reduced, so no
+        rank is left waiting in an all-reduce), naming the step, the samples and the last good checkpoint."""
+        from .safety import NonFiniteLossError, nonfinite_message
+
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        if self.trainer.strategy.reduce_boolean_decision(bad, all=False):
+            root = Path(self.trainer.default_root_dir) if self.trainer.default_root_dir else None
+            value = float(loss.detach().float().reshape(-1)[0])
+            raise NonFiniteLossError(nonfinite_message(value, self.trainer.global_step, getattr(self, "_batch_ids", None),
+                                                       root, self.trainer.global_rank))
+
     def log_flops(self, prefix: str, ids: torch.Tensor, mask: torch.Tensor, config_ids: torch.Tensor, routed: bool,
                   image_sizes: torch.Tensor | None = None) -> None:
         flops, dense = self.flops_per_sample(ids, mask, config_ids, routed, image_sizes)

@@ -24,6 +24,31 @@ def tracking_uri(create: bool = True) -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking server does not answer: raised before any model is built."""
+
+
+def check_tracking_server(uri: str | None = None, timeout: float = 5.0) -> None:
+    """For an ``http(s)://`` store, ask ``/health`` once; a local sqlite store needs no check."""
+    import urllib.error
+    import urllib.request
+
+    uri = uri or tracking_uri(create=False)
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            if r.status == 200:
+                return
+            problem = f"HTTP {r.status}"
+    except (urllib.error.URLError, OSError) as e:
+        problem = str(getattr(e, "reason", e))
+    raise TrackingUnavailable(
+        f"the MLflow server at MLFLOW_TRACKING_URI={uri} does not answer ({problem}). Start it "
+        f"(mlflow server --backend-store-uri sqlite:///runs/mlflow.db --host 127.0.0.1 --port <port>), fix the URI, "
+        "unset MLFLOW_TRACKING_URI to log to the local store runs/mlflow.db, or pass --mlflow false")
+
+
 def run_tags(model: Any, stage: str) -> dict[str, str]:
     spec, sch = model.spec, model.schedule
     t = spec.text

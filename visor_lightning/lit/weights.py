@@ -159,7 +159,13 @@ def load_weights(path: str | Path, schedule: LayerSchedule | None = None) -> Vis
     if (use.ca_layers, use.sa_layers) != (saved.ca_layers, saved.sa_layers):
         raise ValueError(f"{path}: saved schedule {saved.describe()} has other CA/SA layers than {use.describe()}")
     model = VisorModel(spec, use, policy_width=meta["policy_width"], host=None)
-    state = load_file(str(path / WEIGHTS_FILE))
+    try:
+        state = load_file(str(path / WEIGHTS_FILE))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}/{WEIGHTS_FILE} is missing: the stage did not finish writing its weights") from None
+    except Exception as e:  # safetensors reads no code: a damaged file fails its header or size check
+        raise ValueError(f"{path}/{WEIGHTS_FILE} is truncated or not a safetensors file ({e}); "
+                         "re-export it from the stage's checkpoints (init_from=<run>/checkpoints/last.ckpt)") from e
     if use.feasible != saved.feasible:
         state = {k: v for k, v in state.items() if not k.startswith("policy.")}
     missing, unexpected = model.load_state_dict(state, strict=False)

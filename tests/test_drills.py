@@ -1,0 +1,129 @@
+"""Failure drills: nothing is lost and every error says what to do.
+
+Real runs of `visor fit` (subprocesses, tiny stage): a NaN loss, a checkpoint write that fails mid-training, damaged
+checkpoints and weights, an MLflow server that is not there, and config typos."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE = ROOT / "experiments/debug/stage2_full.yaml"
+
+
+def _fit(tiny_pipeline, tmp_path, *extra: str, env_extra: dict | None = None, steps: int = 8) -> subprocess.CompletedProcess:
+    env = {**os.environ, "VISOR_DATA": str(tiny_pipeline["data"]), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests" / "scripts"), **(env_extra or {})}
+    args = [sys.executable, "-m", "visor_lightning", "fit", "--config", str(STAGE),
+            "--model.init_args.init_from", str(tiny_pipeline["out"] / "ca_pretrain" / "weights"),
+            "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.max_steps", str(steps),
+            "--data.batches_per_epoch", str(steps), "--data.batch_size", "2", "--global_batch_size", "2",
+            "--data.num_workers", "0", "--checkpoint_every_n_steps", "2", "--trainer.log_every_n_steps", "1", *extra]
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def _ckpt_step(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_at_that_step_naming_samples_and_checkpoint(tiny_pipeline, tmp_path):
+    # an absurd learning rate blows the weights up within a few steps
+    done = _fit(tiny_pipeline, tmp_path, "--model.init_args.lr", "1e12", "--model.init_args.warmup_steps", "0", steps=30)
+    assert done.returncode == 2, done.stderr[-3000:]
+    err = done.stderr
+    assert "visor: error: train loss is nan" in err or "visor: error: train loss is inf" in err, err[-3000:]
+    step = int(err.split("at global step ")[1].split(" ")[0])
+    assert 1 <= step < 30 and "batch sample ids: " in err and "resume with --ckpt_path last" in err
+    ids = err.split("batch sample ids: ")[1].split(")")[0].split(", ")
+    assert len(ids) == 2 and all(i and i != "unknown" for i in ids)
+    ckpts = tmp_path / "run" / "checkpoints"
+    if step >= 2:  # a checkpoint existed: it is named, and it holds finite weights from before the blow-up
+        named = Path(err.split("last good checkpoint: ")[1].split(". ")[0])
+        assert named.parent == ckpts and named.is_file()
+        state = torch.load(named, map_location="cpu", weights_only=True)
+        assert state["global_step"] <= step
+        assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+    assert not (tmp_path / "run" / "weights").exists()  # a failed stage hands nothing over
+
+
+@pytest.mark.slow
+def test_failed_checkpoint_write_keeps_the_previous_one_and_resume_finishes(tiny_pipeline, tmp_path):
+    done = _fit(tiny_pipeline, tmp_path, "--trainer.callbacks+=drill_callbacks.FillDisk",
+                "--trainer.callbacks.init_args.at", "4")
+    assert done.returncode != 0
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert f"writing checkpoint {ckpts / 'step=4.ckpt'} failed (File too large); earlier checkpoints are untouched" \
+        in done.stderr and "resume with --ckpt_path last" in done.stderr, done.stderr[-3000:]
+    assert _ckpt_step(ckpts / "last.ckpt") == 2  # the step-2 checkpoint survived the failed step-4 write
+    assert not [p for p in ckpts.iterdir() if ".tmp" in p.name]  # no partial file left behind
+    resumed = _fit(tiny_pipeline, tmp_path, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout and json.loads((tmp_path / "run" / "weights" / "visor.json").read_text())["global_step"] == 8
+
+
+def test_damaged_checkpoints_and_weights_are_refused(tiny_pipeline, tmp_path):
+    import shutil
+
+    from visor_lightning.lit.cli import latest_checkpoint
+    from visor_lightning.lit.weights import load_weights, weights_dir
+
+    # weights: a truncated safetensors file is refused by name, nothing half-loaded
+    w = tmp_path / "weights"
+    shutil.copytree(tiny_pipeline["out"] / "ca_pretrain" / "weights", w)
+    data = (w / "model.safetensors").read_bytes()
+    (w / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"model.safetensors is truncated or not a safetensors file"):
+        load_weights(w)
+    # a pickle that is not a checkpoint is refused without being unpickled (weights_only)
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"x": argparse.Namespace(a=1)}, evil)  # an arbitrary global: refused by weights_only
+    with pytest.raises(ValueError, match="is not a readable Lightning checkpoint"):
+        weights_dir(evil)
+    # resume: a truncated newest checkpoint is skipped for the next valid one; all damaged is an error
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    good = run / "checkpoints" / "step=2.ckpt"
+    torch.save({"global_step": 2, "state_dict": {}}, good)
+    bad = run / "checkpoints" / "last.ckpt"
+    torch.save({"global_step": 4, "state_dict": {"w": torch.zeros(1000)}}, bad)
+    bad.write_bytes(bad.read_bytes()[:300])
+    os.utime(good, (1, 1))  # the damaged one is the newest
+    assert latest_checkpoint(run) == str(good)
+    good.write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="every checkpoint in .* is damaged"):
+        latest_checkpoint(run)
+
+
+def test_unreachable_mlflow_server_fails_before_training(tiny_pipeline, tmp_path):
+    with socket.socket() as s:  # a free loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = _fit(tiny_pipeline, tmp_path, env_extra={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
+    assert done.returncode == 2
+    assert f"the MLflow server at MLFLOW_TRACKING_URI=http://127.0.0.1:{port} does not answer" in done.stderr
+    assert "--mlflow false" in done.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists() and "Trainable params" not in done.stdout  # nothing ran
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--model.init_args.lrr", "0.1"], "visor fit: error: key 'lrr' (the command line)"),        # unknown key
+    (["--model.init_args.lr", "fast"], "visor fit: error: key 'lr' ("),                         # wrong type
+    (["--config", "experiments/debug/nope.yaml"], "visor fit: error: config file {root}/experiments/debug/nope.yaml not found"),
+    (["--config", "{tmp}/typo.yaml"], "visor fit: error: key 'lrr' ({tmp}/typo.yaml line 3)"),   # a typo in a file
+])
+def test_config_typos_name_the_key_before_any_model_is_built(tiny_pipeline, tmp_path, extra, expected):
+    (tmp_path / "typo.yaml").write_text("model:\n  init_args:\n    lrr: 0.1\n")
+    fill = lambda s: s.format(tmp=tmp_path, root=ROOT)  # noqa: E731
+    done = _fit(tiny_pipeline, tmp_path, *map(fill, extra))
+    assert done.returncode == 2 and fill(expected) in done.stderr, done.stderr[-2000:]
+    assert "Trainable params" not in done.stdout and not (tmp_path / "run" / "config.yaml").exists()
