@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -105,7 +106,19 @@ def test_mlflow_holds_params_metrics_plot_and_weights(tiny_pipeline):
 
     client = MlflowClient(tiny_pipeline["uri"])
     exp = client.get_experiment_by_name("visor-test")
-    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    from visor_lightning.lit.tracking import code_version
+
+    sha = code_version()[0]
+    found = client.search_runs([exp.experiment_id])
+    # stable names <experiment>-<stage>-<short commit>, and tags to compare runs by
+    assert all(re.fullmatch(rf"visor-test-\w+-{sha[:7]}", r.info.run_name) for r in found), [r.info.run_name for r in found]
+    runs = {r.info.run_name.removeprefix("visor-test-").rsplit("-", 1)[0]: r for r in found}
+    for name in ("base", "universal", "policy"):
+        tags = runs[name].data.tags
+        assert tags["git_commit"] == sha and re.fullmatch(r"[0-9a-f]{12}", tags["data"])
+        assert tags["backbone"].startswith("d64-L6-h4/2-v")
+    assert runs["ca_pretrain"].data.tags["backbone_checkpoint"].endswith("base/hf")  # loaded as a LLaVA-OV checkpoint
+    assert runs["base"].data.tags["data"] == runs["universal"].data.tags["data"]  # the same shards
     assert {"pipeline", "base", "ca_pretrain", "full_finetune", "universal", "policy", "policy_budget"} <= set(runs)
     parent = runs["pipeline"].info.run_id
     for name in ("base", "ca_pretrain", "universal", "policy"):

@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(from the FLOPs model; assumptions printed)")
     z.add_argument("--json", action="store_true")
 
+    u = sub.add_parser("ui", help="serve the MLflow store (runs/mlflow.db or MLFLOW_TRACKING_URI) on 127.0.0.1 only",
+                       description="Runs `mlflow server` on the loopback interface; reach it from elsewhere with an "
+                                   "SSH tunnel (ssh -L 5000:127.0.0.1:5000 host), never by opening the port.")
+    u.add_argument("--port", type=_positive, default=5000)
+    u.add_argument("--store", default=None, help="backend store URI (default: the one visor logs to)")
     d = sub.add_parser(
         "demo",
         help="tiny end-to-end run on CPU: build + load a LLaVA-OV checkpoint, VISOR forward/generate, FLOPs",
@@ -240,6 +245,24 @@ def cmd_sizing(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    import os
+    import shutil
+
+    from .lit.tracking import tracking_uri
+
+    store = args.store or tracking_uri()
+    if store.startswith(("http://", "https://")):
+        raise ValueError(f"the store is already a server ({store}): open it in a browser")
+    exe = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or shutil.which("mlflow")
+    if exe is None:
+        raise FileNotFoundError("the mlflow command is not installed in this environment (make install)")
+    print(f"MLflow UI for {store} at http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
+    os.execv(exe, [exe, "server", "--backend-store-uri", store, "--host", "127.0.0.1", "--port", str(args.port),
+                   "--workers", "1"])
+    return 0  # not reached
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -285,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(__version__)
         return 0
-    handlers = {"flops": cmd_flops, "demo": cmd_demo, "data": cmd_data, "bench": cmd_bench, "sizing": cmd_sizing}
+    handlers = {"flops": cmd_flops, "demo": cmd_demo, "data": cmd_data, "bench": cmd_bench, "sizing": cmd_sizing,
+                "ui": cmd_ui}
     if args.command not in handlers:
         parser.print_help()
         return 2

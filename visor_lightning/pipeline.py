@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .lit.tracking import PARENT_ENV, tracking_uri
+from .lit.tracking import PARENT_ENV, code_version, run_name, tracking_uri
 
 STAGE_KEYS = {"name", "config", "from", "args"}
 
@@ -146,9 +146,10 @@ def run_pipeline(cfg: dict[str, Any], restart: bool = False, only_data: bool = F
     parent_file = out / "mlflow_parent_run_id"
     parent_id = parent_file.read_text().strip() if parent_file.is_file() and not restart else None
     t0 = time.perf_counter()
-    with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else "pipeline") as parent:
+    with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else run_name(experiment, "pipeline")) as parent:
         parent_file.write_text(parent.info.run_id)
-        mlflow.set_tags({"stage": "pipeline"})
+        sha, dirty = code_version()
+        mlflow.set_tags({"stage": "pipeline", "git_commit": sha, "git_dirty": str(dirty).lower()})
         if cfg.get("data"):
             build_data(cfg["data"], restart)  # counts go to this parent run
         if only_data:
@@ -183,7 +184,7 @@ def run_pipeline(cfg: dict[str, Any], restart: bool = False, only_data: bool = F
             mlflow.log_artifact(summary["plot"], "plots")
         for row in summary["rows"]:
             for s, acc in row["acc"].items():
-                mlflow.log_metric(f"summary/{s}/acc/{metric_key(row['config'])}", acc)
+                mlflow.log_metric(f"summary/{s}/acc/{metric_key(row['config'].split(' ~ ')[0])}", acc)
     print(summary["table"])
     print(f"pipeline finished in {summary['seconds']['total']:.0f} s; MLflow: mlflow ui --backend-store-uri {tracking_uri()}")
     return 0

@@ -21,7 +21,7 @@ from visor_lightning.data.datamodule import VisorDataModule
 
 from .module import VisorLitModule
 from .safety import NonFiniteLossError
-from .tracking import TrackingUnavailable, check_tracking_server, open_stage_logger
+from .tracking import TrackingUnavailable, check_tracking_server, data_fingerprint, open_stage_logger
 
 
 def default_precision() -> str:
@@ -131,7 +131,8 @@ class VisorCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--experiment", type=str, default="visor", help="MLflow experiment name")
-        parser.add_argument("--run_name", type=str | None, default=None, help="MLflow run name (default: the stage)")
+        parser.add_argument("--run_name", type=str | None, default=None,
+                            help="MLflow run name between the experiment and the commit (default: the stage)")
         parser.add_argument("--global_batch_size", type=int | None, default=None,
                             help="derive trainer.accumulate_grad_batches from data.batch_size x devices x nodes")
         parser.add_argument("--checkpoint_every_n_steps", type=int, default=50, help="write last.ckpt this often")
@@ -169,8 +170,9 @@ class VisorCLI(LightningCLI):
         stage = getattr(self.model, "stage", "run")
         logger = None
         if cfg.mlflow and not cfg.trainer.get("fast_dev_run"):
-            logger = open_stage_logger(root, experiment=cfg.experiment, stage=stage, run_name=cfg.run_name,
-                                       model=self.model, resume=resume)
+            dm = self.datamodule
+            logger = open_stage_logger(root, experiment=cfg.experiment, stage=stage, name=cfg.run_name,
+                                       model=self.model, resume=resume, data=data_fingerprint(dm.train_spec, dm.val_spec))
         # the user's trainer.callbacks (YAML or --trainer.callbacks+=...) first: kwargs would replace them otherwise
         init = self.config_init[self.subcommand] if self.subcommand else self.config_init
         user = init.trainer.get("callbacks") or []

@@ -49,19 +49,73 @@ def check_tracking_server(uri: str | None = None, timeout: float = 5.0) -> None:
         "unset MLFLOW_TRACKING_URI to log to the local store runs/mlflow.db, or pass --mlflow false")
 
 
-def run_tags(model: Any, stage: str) -> dict[str, str]:
+def code_version() -> tuple[str, bool]:
+    """(commit, uncommitted changes?) of the code that runs: a Slurm job snapshot's ``GIT_COMMIT`` (and
+    ``git.diff``), else the checkout's git; ``unknown`` for an installed copy."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]  # the checkout, or a job snapshot's code/ directory
+    if (root / "GIT_COMMIT").is_file():
+        sha = (root / "GIT_COMMIT").read_text().strip()
+        return (sha if len(sha) == 40 else "unknown"), (root / "git.diff").is_file()
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        return "unknown", False
+    dirty = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "HEAD"], capture_output=True).returncode != 0
+    return head.stdout.strip(), dirty
+
+
+def run_name(experiment: str, stage: str) -> str:
+    """Stable, comparable run names: ``<experiment>-<stage>-<short commit>``."""
+    return f"{experiment}-{stage}-{code_version()[0][:7]}"
+
+
+def data_fingerprint(train: Any, val: dict[str, Any]) -> str:
+    """A short hash of the data a run reads: manifests by content, other shards by name and size."""
+    import hashlib
+
+    from visor_lightning.data.datamodule import resolve_shards
+
+    h = hashlib.sha256()
+    for field, spec in [("train", train), *sorted((f"val.{k}", v) for k, v in val.items())]:
+        h.update(field.encode())
+        for s in ([spec] if isinstance(spec, str) else list(spec or [])):
+            if s.endswith("-manifest.json") and Path(s).is_file():
+                h.update(Path(s).read_bytes())
+                continue
+            try:
+                urls = resolve_shards(s, field=f"data.{field}")
+            except (ValueError, FileNotFoundError):
+                urls = [s]
+            for u in urls:
+                size = Path(u).stat().st_size if Path(u).is_file() else -1
+                h.update(f"{Path(u).name}:{size}".encode())
+    return h.hexdigest()[:12]
+
+
+def run_tags(model: Any, stage: str, data: str | None = None) -> dict[str, str]:
+    """stage, backbone shapes (and checkpoint), schedule, feasible set, code commit and the data fingerprint."""
     spec, sch = model.spec, model.schedule
     t = spec.text
-    backbone = Path(spec.pretrained).name if spec.pretrained else f"d{t.hidden_size}-L{t.num_layers}-v{t.vocab_size}"
-    tags = {"stage": stage, "backbone": backbone, "schedule": sch.describe(), "feasible": ", ".join(sch.names)}
+    sha, dirty = code_version()
+    tags = {"stage": stage, "backbone": f"d{t.hidden_size}-L{t.num_layers}-h{t.num_heads}/{t.num_kv_heads}-v{t.vocab_size}",
+            "schedule": sch.describe(), "feasible": ", ".join(sch.names), "git_commit": sha,
+            "git_dirty": str(dirty).lower()}
+    if spec.pretrained:
+        tags["backbone_checkpoint"] = str(spec.pretrained)
+    if spec.token_pool != 1:
+        tags["token_pool"] = str(spec.token_pool)
+    if data:
+        tags["data"] = data
     if os.environ.get(PARENT_ENV):
         tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
     return tags
 
 
-def open_stage_logger(root: Path, *, experiment: str, stage: str, run_name: str | None, model: Any, resume: bool):
-    """An MLFlowLogger for this stage (None on ranks other than zero); on resume, the run recorded in
-    ``root/mlflow_run_id``."""
+def open_stage_logger(root: Path, *, experiment: str, stage: str, name: str | None, model: Any, resume: bool,
+                      data: str | None = None):
+    """An MLFlowLogger for this stage (None on ranks other than zero), named ``<experiment>-<name>-<commit>``; on
+    resume, the run recorded in ``root/mlflow_run_id``."""
     from lightning.fabric.utilities.rank_zero import rank_zero_only
     from lightning.pytorch.loggers import MLFlowLogger
 
@@ -71,7 +125,7 @@ def open_stage_logger(root: Path, *, experiment: str, stage: str, run_name: str 
         return None
     id_file = Path(root) / RUN_ID_FILE
     run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
-    logger = MLFlowLogger(experiment_name=experiment, tracking_uri=tracking_uri(), run_name=run_name or stage,
-                          run_id=run_id, tags=run_tags(model, stage), log_model=False)
+    logger = MLFlowLogger(experiment_name=experiment, tracking_uri=tracking_uri(), run_name=run_name(experiment, name or stage),
+                          run_id=run_id, tags=run_tags(model, stage, data), log_model=False)
     id_file.write_text(logger.run_id)  # creates the run now, so a crash before the first log still resumes it
     return logger
