@@ -79,8 +79,14 @@ class VisorDataModule(pl.LightningDataModule):
         image_processor: directory with a ``preprocessor_config.json``; default: the checkpoint's, else built
             from ``backbone``.
         batch_size: per-device batch size; training batches are always full.
+        eval_batch_size: per-device batch size of evaluation (default: batch_size).
+        num_workers: DataLoader worker processes per rank (decode + tokenise + tile).
         batches_per_epoch: training batches per epoch on every rank (rounded up to a multiple of workers).
+        shuffle_buffer: samples held for shuffling the resampled training stream.
+        max_length: samples with more tokens (visual ones included) are skipped and counted as ``too_long``.
+        max_pixels: images with more pixels are skipped and counted as ``image_too_large``.
         strict: raise on the first bad sample (naming shard and key) instead of skipping and counting.
+        seed: seeds the resampled training stream (with epoch, rank and worker).
     """
 
     def __init__(

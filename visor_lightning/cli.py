@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("test", "evaluate on the test loaders (LightningCLI)"),
                        ("pipeline", "all stages in order, weights handed over: visor pipeline --config experiments/debug/pipeline.yaml"),
                        ("eval", "accuracy + FLOPs per eval set for every configuration and the policy: visor eval --config X --ckpt C"),
-                       ("submit", "one stage as a requeueable Slurm job: visor submit --config X --nodes N --gpus-per-node G")):
+                       ("submit", "one stage as a requeueable Slurm job: visor submit --config X --nodes N --gpus-per-node G"),
+                       ("config-reference", "print (or --write) docs/config.md, generated from the typed signatures")):
         sub.add_parser(name, help=text, add_help=False)
     _add_data_parsers(sub)
     _add_bench_parsers(sub)
@@ -297,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
         from .evaluate import eval_main
 
         return eval_main(argv[1:])
+    if argv and argv[0] == "config-reference":
+        from .config_reference import main as reference_main
+
+        return reference_main(argv[1:])
     if argv and argv[0] == "submit":
         from .slurm import submit_main
 

@@ -178,7 +178,10 @@ class PolicyTraining(VisorLitModule):
             configuration via Gumbel-softmax straight-through, plus ``budget_weight`` x the squared relative
             gap between the batch's mean prefill cost of the argmax choices, straight-through, and
             ``1 / target_savings`` of dense).
+        label_threshold: pseudo_label objective: the fraction of the maximal configuration's accuracy that counts
+            as good enough.
         target_savings: budget objective: the average prefill-FLOPs saving vs dense to aim for.
+        budget_weight: budget objective: weight of the budget term against the task loss.
         gumbel_tau: Gumbel-softmax temperature.
     """
 

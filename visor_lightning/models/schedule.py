@@ -24,12 +24,12 @@ class ScheduleConfig:
     each CA layer, the first SA layer always on, feasible set = one configuration per SA count.
     """
 
-    num_ca: int | None = None
-    num_sa: int | None = None
-    ca_layers: list[int] | None = None
-    sa_layers: list[int] | None = None
-    always_on_sa: list[int] | None = None
-    feasible: FeasibleSpec = "counts"
+    num_ca: int | None = None  # CA layers, spread uniformly (default L/3)
+    num_sa: int | None = None  # SA candidate layers (default: as many as CA layers)
+    ca_layers: list[int] | None = None  # explicit CA layer indices (override num_ca)
+    sa_layers: list[int] | None = None  # explicit SA candidate indices (override num_sa)
+    always_on_sa: list[int] | None = None  # SA layers every configuration runs (default: the first candidate)
+    feasible: FeasibleSpec = "counts"  # "counts" (one per SA count), "all" (every subset) or explicit layer lists
 
 
 def _uniform_blocks(num_layers: int, num_blocks: int) -> list[int]:

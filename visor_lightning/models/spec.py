@@ -17,16 +17,16 @@ from typing import Any
 class TextSpec:
     """Host LLM (Qwen2) shapes."""
 
-    hidden_size: int = 896
-    num_layers: int = 24
-    num_heads: int = 14
-    num_kv_heads: int = 2
-    intermediate_size: int = 4864
-    vocab_size: int = 151936
-    rope_theta: float = 1_000_000.0
-    rms_norm_eps: float = 1e-6
-    max_position_embeddings: int = 32768
-    tie_word_embeddings: bool = True
+    hidden_size: int = 896  # d, the residual width
+    num_layers: int = 24  # L decoder layers; the schedule gives each one a role
+    num_heads: int = 14  # query heads
+    num_kv_heads: int = 2  # key/value heads (GQA); CA blocks use the same
+    intermediate_size: int = 4864  # SwiGLU width m
+    vocab_size: int = 151936  # embedding rows (a from-scratch base is sized to its tokenizer)
+    rope_theta: float = 1_000_000.0  # RoPE base
+    rms_norm_eps: float = 1e-6  # RMSNorm epsilon
+    max_position_embeddings: int = 32768  # longest sequence the RoPE cache is built for
+    tie_word_embeddings: bool = True  # LM head shares the embedding matrix
 
     @property
     def head_dim(self) -> int:
@@ -37,14 +37,14 @@ class TextSpec:
 class VisionSpec:
     """Vision tower (SigLIP) shapes; ``feature_layer`` is LLaVA's ``vision_feature_layer``."""
 
-    hidden_size: int = 1152
-    num_layers: int = 26
-    num_heads: int = 16
-    intermediate_size: int = 4304
-    image_size: int = 384
-    patch_size: int = 14
-    num_channels: int = 3
-    feature_layer: int = -1
+    hidden_size: int = 1152  # SigLIP width
+    num_layers: int = 26  # SigLIP encoder layers
+    num_heads: int = 16  # SigLIP attention heads
+    intermediate_size: int = 4304  # SigLIP MLP width
+    image_size: int = 384  # crop side in pixels (AnyRes tiles and the base crop)
+    patch_size: int = 14  # patch side; (image_size / patch_size)^2 tokens per crop
+    num_channels: int = 3  # input channels
+    feature_layer: int = -1  # the hidden state LLaVA takes (-1: the last layer)
 
     @property
     def tokens_per_crop(self) -> int:
@@ -55,11 +55,11 @@ class VisionSpec:
 class BackboneSpec:
     """A LLaVA-OneVision-shaped backbone. Defaults are LLaVA-OV 0.5B (Qwen2-0.5B + SigLIP-400M/14 @ 384)."""
 
-    text: TextSpec = field(default_factory=TextSpec)
-    vision: VisionSpec = field(default_factory=VisionSpec)
+    text: TextSpec = field(default_factory=TextSpec)  # the host LLM, see backbone.text
+    vision: VisionSpec = field(default_factory=VisionSpec)  # the vision tower, see backbone.vision
     image_grid_pinpoints: list[list[int]] | None = None  # None: LLaVA-OV's 1x1..6x6 grid of 384 crops
-    vision_aspect_ratio: str = "anyres_max_9"
-    image_token_id: int = 151646
+    vision_aspect_ratio: str = "anyres_max_9"  # tile grids above N tiles are shrunk (LLaVA-OV's anyres_max_9)
+    image_token_id: int = 151646  # the <image> placeholder id the collator expands
     pretrained: str | None = None  # a local LlavaOnevisionForConditionalGeneration.save_pretrained directory
     token_pool: int = 1  # VISOR-TR: average-pool the visual grid by this token factor (1 off, 2 = 1x2, 4 = 2x2)
 
