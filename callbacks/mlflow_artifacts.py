@@ -54,6 +54,14 @@ def plot_accuracy_vs_flops(results: dict[str, dict[str, dict[str, Any]]], out: P
     return out
 
 
+def _upload(send, path: Path) -> None:
+    """An artifact upload that fails (the MLflow server went away) is reported, not fatal: the file stays on disk."""
+    try:
+        send()
+    except Exception as e:  # noqa: BLE001
+        print(f"[mlflow] {path} was not uploaded ({str(e).splitlines()[0][:200]}); it stays on disk", flush=True)
+
+
 class MlflowArtifacts(pl.Callback):
     def __init__(self, root: str | Path, config_yaml: str | Path, params: dict[str, Any]) -> None:
         self.root, self.config_yaml, self.params = Path(root), Path(config_yaml), params
@@ -86,8 +94,8 @@ class MlflowArtifacts(pl.Callback):
         png = plot_accuracy_vs_flops(results, self.root / "plots" / "acc_vs_flops.png", getattr(pl_module, "stage", ""))
         logger = _mlflow(trainer)
         if logger is not None:
-            logger.experiment.log_artifact(logger.run_id, str(png), "plots")
-            logger.experiment.log_artifact(logger.run_id, str(self.root / "eval.json"))
+            _upload(lambda: logger.experiment.log_artifact(logger.run_id, str(png), "plots"), png)
+            _upload(lambda: logger.experiment.log_artifact(logger.run_id, str(self.root / "eval.json")), self.root / "eval.json")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if getattr(trainer, "visor_preempted", False):
@@ -116,4 +124,4 @@ class MlflowArtifacts(pl.Callback):
             dm = trainer.datamodule
             export_llava_onevision(pl_module.model, self.root / "hf", dm.encoder.tok, dm.encoder.proc)
         if logger is not None:
-            logger.experiment.log_artifacts(logger.run_id, str(weights), "weights")
+            _upload(lambda: logger.experiment.log_artifacts(logger.run_id, str(weights), "weights"), weights)

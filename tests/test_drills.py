@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -127,3 +128,51 @@ def test_config_typos_name_the_key_before_any_model_is_built(tiny_pipeline, tmp_
     done = _fit(tiny_pipeline, tmp_path, *map(fill, extra))
     assert done.returncode == 2 and fill(expected) in done.stderr, done.stderr[-2000:]
     assert "Trainable params" not in done.stdout and not (tmp_path / "run" / "config.yaml").exists()
+
+
+@pytest.mark.slow
+def test_mlflow_server_outage_mid_run_loses_no_metric(tiny_pipeline, tmp_path):
+    """A real `mlflow server` is killed at step 8 and started again at step 20 (same store): training goes on, the
+    gap is reported, and the run ends with every step's loss and FINISHED."""
+    import shlex
+    import signal
+    import time
+    import urllib.request
+
+    from mlflow import MlflowClient
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = f"sqlite:///{tmp_path / 'server.db'}"
+    cmd = f"{sys.executable} -m visor_lightning ui --port {port} --store {store}"
+    first = subprocess.Popen(shlex.split(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    pidfile = tmp_path / "server.pid"
+    try:
+        for _ in range(240):
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read() == b"OK":
+                    break
+            except OSError:
+                time.sleep(0.5)
+        done = _fit(tiny_pipeline, tmp_path, "--trainer.callbacks+=drill_callbacks.MlflowOutage",
+                    "--trainer.callbacks.init_args.down", "8", "--trainer.callbacks.init_args.up", "20", steps=30,
+                    env_extra={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", "DRILL_SERVER_PID": str(first.pid),
+                               "DRILL_SERVER_CMD": cmd, "DRILL_SERVER_PIDFILE": str(pidfile)})
+        assert done.returncode == 0, done.stderr[-3000:]
+        # Lightning logs a step's metrics under the step index before it: the outage starts at 7 or 8
+        down = re.search(r"stopped answering at step (\d+)", done.stdout)
+        assert down and 6 <= int(down.group(1)) <= 8, done.stdout[-2000:]
+        assert f"the server is back: metrics of steps {down.group(1)}.." in done.stdout
+    finally:
+        for pid in [first.pid] + ([int(pidfile.read_text())] if pidfile.is_file() else []):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    client = MlflowClient(store)  # the store itself, read after the server is gone
+    run = client.get_run((tmp_path / "run" / "mlflow_run_id").read_text().strip())
+    assert run.info.status == "FINISHED" and run.data.tags["mlflow_gaps"].startswith(f"steps {down.group(1)}..")
+    steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "train/loss")})
+    assert steps == list(range(steps[0], steps[-1] + 1)) and steps[0] <= 1 and steps[-1] >= 28, steps
+    assert not (tmp_path / "run" / "mlflow_unsent.jsonl").exists()

@@ -19,3 +19,35 @@ class FillDisk(pl.Callback):
         if trainer.global_step >= self.at:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write returns an error instead of killing us
             resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
+
+
+class MlflowOutage(pl.Callback):
+    """Stops the MLflow server (pid in $DRILL_SERVER_PID) at step ``down``, starts it again ($DRILL_SERVER_CMD,
+    new pid written to $DRILL_SERVER_PIDFILE) at step ``up`` and waits until it answers."""
+
+    def __init__(self, down: int = 8, up: int = 20) -> None:
+        self.down, self.up = down, up
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import os
+        import shlex
+        import subprocess
+        import time
+        import urllib.request
+
+        if trainer.global_step == self.down:
+            os.killpg(int(os.environ["DRILL_SERVER_PID"]), signal.SIGKILL)
+            time.sleep(1.0)
+        if trainer.global_step == self.up:
+            proc = subprocess.Popen(shlex.split(os.environ["DRILL_SERVER_CMD"]), stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, start_new_session=True)
+            with open(os.environ["DRILL_SERVER_PIDFILE"], "w") as f:
+                f.write(str(proc.pid))
+            url = os.environ["MLFLOW_TRACKING_URI"] + "/health"
+            for _ in range(240):
+                try:
+                    if urllib.request.urlopen(url, timeout=1).read() == b"OK":
+                        return
+                except OSError:
+                    time.sleep(0.5)
+            raise RuntimeError("the MLflow server did not come back")

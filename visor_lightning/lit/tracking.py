@@ -112,12 +112,84 @@ def run_tags(model: Any, stage: str, data: str | None = None) -> dict[str, str]:
     return tags
 
 
+def resilient_logger_class():
+    """MLFlowLogger whose metric writes survive an MLflow server that goes away mid-run (defined lazily: Lightning
+    imports stay out of ``visor --help``)."""
+    import time
+
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    class ResilientMLFlowLogger(MLFlowLogger):
+        """Failed metric writes are kept in order and sent when the server answers again (retried at most every
+        ``retry_s``; training never waits on a dead server); each outage is printed and recorded in the run as
+        the tag ``mlflow_gaps``. Metrics still unsent when training ends go to ``<run>/mlflow_unsent.jsonl``."""
+
+        retry_s = 10.0
+
+        def __init__(self, *args: Any, root: Path | None = None, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._pending: list[tuple[dict[str, float], int | None]] = []
+            self._down: tuple[int | None, float, str] | None = None  # (first step kept, since, error)
+            self._next_try = 0.0
+            self.gaps: list[str] = []
+            self._root = root
+
+        def log_metrics(self, metrics, step=None) -> None:
+            self._pending.append(({k: float(v) for k, v in metrics.items() if not isinstance(v, str)}, step))
+            self._flush()
+
+        def _flush(self, force: bool = False) -> bool:
+            if self._down and not force and time.monotonic() < self._next_try:
+                return False
+            while self._pending:
+                metrics, step = self._pending[0]
+                try:
+                    super().log_metrics(metrics, step)
+                except Exception as e:  # noqa: BLE001 - any transport error: keep the metrics, keep training
+                    if self._down is None:
+                        self._down = (step, time.monotonic(), str(e).splitlines()[0][:200])
+                        print(f"[mlflow] the server at {self._tracking_uri} stopped answering at step {step} "
+                              f"({self._down[2]}); training goes on, metrics are kept and sent when it is back",
+                              flush=True)
+                    self._next_try = time.monotonic() + self.retry_s
+                    return False
+                self._pending.pop(0)
+            if self._down is not None:
+                first, since, _ = self._down
+                gap = f"steps {first}..{step} ({time.monotonic() - since:.0f} s)"
+                self.gaps.append(gap)
+                print(f"[mlflow] the server is back: metrics of {gap} sent late", flush=True)
+                self._down = None
+                try:
+                    self.experiment.set_tag(self.run_id, "mlflow_gaps", "; ".join(self.gaps))
+                except Exception:  # noqa: BLE001
+                    pass
+            return True
+
+        def finalize(self, status: str = "success") -> None:
+            deadline = time.monotonic() + 3 * self.retry_s
+            while not self._flush(force=True) and time.monotonic() < deadline:
+                time.sleep(1.0)
+            if self._pending:
+                import json
+
+                out = (self._root or Path(".")) / "mlflow_unsent.jsonl"
+                with open(out, "a") as f:
+                    for metrics, step in self._pending:
+                        f.write(json.dumps({"step": step, "metrics": metrics}) + "\n")
+                print(f"[mlflow] the server is still down: {len(self._pending)} metric batches written to {out}", flush=True)
+                self._pending.clear()
+                return
+            super().finalize(status)
+
+    return ResilientMLFlowLogger
+
+
 def open_stage_logger(root: Path, *, experiment: str, stage: str, name: str | None, model: Any, resume: bool,
                       data: str | None = None):
     """An MLFlowLogger for this stage (None on ranks other than zero), named ``<experiment>-<name>-<commit>``; on
     resume, the run recorded in ``root/mlflow_run_id``."""
     from lightning.fabric.utilities.rank_zero import rank_zero_only
-    from lightning.pytorch.loggers import MLFlowLogger
 
     if rank_zero_only.rank != 0:
         # Only rank zero logs. Ranks started together (srun, torchrun) must not all open a new sqlite store:
@@ -125,7 +197,11 @@ def open_stage_logger(root: Path, *, experiment: str, stage: str, name: str | No
         return None
     id_file = Path(root) / RUN_ID_FILE
     run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
-    logger = MLFlowLogger(experiment_name=experiment, tracking_uri=tracking_uri(), run_name=run_name(experiment, name or stage),
-                          run_id=run_id, tags=run_tags(model, stage, data), log_model=False)
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):  # a dead server must fail a request fast, not retry for minutes
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    logger = resilient_logger_class()(experiment_name=experiment, tracking_uri=uri, run_name=run_name(experiment, name or stage),
+                                      run_id=run_id, tags=run_tags(model, stage, data), log_model=False, root=Path(root))
     id_file.write_text(logger.run_id)  # creates the run now, so a crash before the first log still resumes it
     return logger
