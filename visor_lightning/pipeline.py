@@ -186,7 +186,7 @@ def run_pipeline(cfg: dict[str, Any], restart: bool = False, only_data: bool = F
             for s, acc in row["acc"].items():
                 mlflow.log_metric(f"summary/{s}/acc/{metric_key(row['config'].split(' ~ ')[0])}", acc)
     print(summary["table"])
-    print(f"pipeline finished in {summary['seconds']['total']:.0f} s; MLflow: mlflow ui --backend-store-uri {tracking_uri()}")
+    print(f"pipeline finished in {summary['seconds']['total']:.0f} s; browse it: visor ui --store {tracking_uri()}")
     return 0
 
 
