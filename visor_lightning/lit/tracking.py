@@ -179,8 +179,10 @@ def resilient_logger_class():
                         f.write(json.dumps({"step": step, "metrics": metrics}) + "\n")
                 print(f"[mlflow] the server is still down: {len(self._pending)} metric batches written to {out}", flush=True)
                 self._pending.clear()
-                return
-            super().finalize(status)
+            try:
+                super().finalize(status)
+            except Exception as e:  # noqa: BLE001 - the run's end status could not be recorded; training is done
+                print(f"[mlflow] could not mark the run {status} ({str(e).splitlines()[0][:200]})", flush=True)
 
     return ResilientMLFlowLogger
 
