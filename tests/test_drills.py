@@ -176,3 +176,35 @@ def test_mlflow_server_outage_mid_run_loses_no_metric(tiny_pipeline, tmp_path):
     steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "train/loss")})
     assert steps == list(range(steps[0], steps[-1] + 1)) and steps[0] <= 1 and steps[-1] >= 28, steps
     assert not (tmp_path / "run" / "mlflow_unsent.jsonl").exists()
+
+
+def test_metrics_kept_while_the_server_is_down_are_written_and_synced(tmp_path, monkeypatch):
+    """The server never comes back before the end: the logger writes what it kept to mlflow_unsent.jsonl, and
+    `visor mlflow-sync` sends it into the run once a store answers."""
+    from mlflow import MlflowClient
+
+    from visor_lightning.cli import main
+    from visor_lightning.lit.tracking import resilient_logger_class
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    logger = resilient_logger_class()(experiment_name="x", tracking_uri=f"http://127.0.0.1:{port}", root=tmp_path)
+    logger.retry_s = 0.1
+    for step in range(3):
+        logger.log_metrics({"train/loss": 1.0 / (step + 1)}, step=step)
+    logger.finalize("success")
+    lines = (tmp_path / "mlflow_unsent.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [0, 1, 2]
+
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("x"))
+    (tmp_path / "mlflow_run_id").write_text(run.info.run_id)
+    assert main(["mlflow-sync", str(tmp_path)]) == 0
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted((m.step, round(m.value, 3)) for m in history) == [(0, 1.0), (1, 0.5), (2, 0.333)]
+    assert not (tmp_path / "mlflow_unsent.jsonl").exists() and (tmp_path / "mlflow_unsent.jsonl.sent").exists()
+    assert main(["mlflow-sync", str(tmp_path)]) == 2  # nothing left: a clear error, not a silent no-op

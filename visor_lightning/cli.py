@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "SSH tunnel (ssh -L 5000:127.0.0.1:5000 host), never by opening the port.")
     u.add_argument("--port", type=_positive, default=5000)
     u.add_argument("--store", default=None, help="backend store URI (default: the one visor logs to)")
+    y = sub.add_parser("mlflow-sync", help="send a run's mlflow_unsent.jsonl (kept while the server was down) into its run")
+    y.add_argument("run_dir", help="the stage's run directory (holds mlflow_run_id and mlflow_unsent.jsonl)")
     d = sub.add_parser(
         "demo",
         help="tiny end-to-end run on CPU: build + load a LLaVA-OV checkpoint, VISOR forward/generate, FLOPs",
@@ -264,6 +266,17 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def cmd_mlflow_sync(args: argparse.Namespace) -> int:
+    from .lit.tracking import TrackingUnavailable, sync_unsent
+
+    try:
+        n = sync_unsent(args.run_dir)
+    except TrackingUnavailable as e:
+        raise ValueError(str(e)) from None
+    print(f"sent {n} metric values from {args.run_dir}/mlflow_unsent.jsonl")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -314,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     handlers = {"flops": cmd_flops, "demo": cmd_demo, "data": cmd_data, "bench": cmd_bench, "sizing": cmd_sizing,
-                "ui": cmd_ui}
+                "ui": cmd_ui, "mlflow-sync": cmd_mlflow_sync}
     if args.command not in handlers:
         parser.print_help()
         return 2

@@ -177,7 +177,8 @@ def resilient_logger_class():
                 with open(out, "a") as f:
                     for metrics, step in self._pending:
                         f.write(json.dumps({"step": step, "metrics": metrics}) + "\n")
-                print(f"[mlflow] the server is still down: {len(self._pending)} metric batches written to {out}", flush=True)
+                print(f"[mlflow] the server is still down: {len(self._pending)} metric batches written to {out}; "
+                      f"send them later with: visor mlflow-sync {out.parent}", flush=True)
                 self._pending.clear()
             try:
                 super().finalize(status)
@@ -207,3 +208,33 @@ def open_stage_logger(root: Path, *, experiment: str, stage: str, name: str | No
                                       run_id=run_id, tags=run_tags(model, stage, data), log_model=False, root=Path(root))
     id_file.write_text(logger.run_id)  # creates the run now, so a crash before the first log still resumes it
     return logger
+
+
+def sync_unsent(run_dir: str | Path) -> int:
+    """Send ``<run_dir>/mlflow_unsent.jsonl`` (metrics kept while the MLflow server was down at the end of a run)
+    into the run recorded in ``<run_dir>/mlflow_run_id``; the file is renamed ``.sent`` afterwards. Returns the
+    number of metric values sent."""
+    import json
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    run_dir = Path(run_dir)
+    unsent, id_file = run_dir / "mlflow_unsent.jsonl", run_dir / RUN_ID_FILE
+    if not unsent.is_file():
+        raise FileNotFoundError(f"{unsent}: nothing to sync (the run's metrics all reached MLflow)")
+    if not id_file.is_file():
+        raise FileNotFoundError(f"{id_file} is missing: which MLflow run these metrics belong to is unknown")
+    uri = tracking_uri()
+    check_tracking_server(uri)
+    client, run_id = MlflowClient(uri), id_file.read_text().strip()
+    now = int(time.time() * 1000)
+    metrics = [Metric(key=k, value=float(v), timestamp=now, step=rec["step"] or 0)
+               for line in unsent.read_text().splitlines() if line.strip()
+               for rec in [json.loads(line)] for k, v in rec["metrics"].items()]
+    for i in range(0, len(metrics), 1000):  # MLflow's log_batch limit
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])
+    unsent.rename(unsent.with_suffix(".jsonl.sent"))
+    return len(metrics)
+
