@@ -7,6 +7,7 @@ requeued) stage keeps logging into the same run. ``VISOR_PARENT_RUN_ID`` nests s
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ def check_tracking_server(uri: str | None = None, timeout: float = 5.0) -> None:
         "unset MLFLOW_TRACKING_URI to log to the local store runs/mlflow.db, or pass --mlflow false")
 
 
+@functools.lru_cache(maxsize=1)
 def code_version() -> tuple[str, bool]:
     """(commit, uncommitted changes?) of the code that runs: a Slurm job snapshot's ``GIT_COMMIT`` (and
     ``git.diff``), else the checkout's git; ``unknown`` for an installed copy."""
