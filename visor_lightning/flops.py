@@ -29,7 +29,7 @@ FastV-style pruning (the peer, ``models/fastv.py``) on the dense model, dropping
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Sequence
+from typing import Any, Sequence
 
 from .models.fastv import fastv_keep
 from .models.schedule import LayerSchedule, config_name
@@ -106,22 +106,38 @@ class FlopsModel:
         p = self.spec.vision.tokens_per_crop
         return 2 * crops * p * (self.spec.vision.hidden_size * self.d + self.d * self.d) + 2 * nv * self.d * 7
 
+    # ---- per-layer visual keys: the one shape every total below is built from ---------------------------
+    def visual_keys(self, active: Sequence[int] | None, nv: int) -> list[int]:
+        """Visual tokens each LLM layer attends over: all of them in the dense model, ``nv`` in active SA layers
+        and none elsewhere for a VISOR configuration."""
+        act = set(range(self.L)) if active is None else set(active)
+        return [nv if l in act else 0 for l in range(self.L)]
+
+    def fastv_keys(self, nv: int, layer: int, ratio: float) -> list[int]:
+        """FastV: every visual token before ``layer``, the kept ones from it on."""
+        return [nv] * layer + [fastv_keep(nv, ratio)] * (self.L - layer)
+
+    def _decode_mean(self, nt: int, keys: Sequence[int], steps: int, per_step: int = 0) -> float:
+        """Mean FLOPs per generated token: per layer proj + mlp + attention over context and visual keys."""
+        total = 0
+        for t in range(1, steps + 1):
+            ctx = nt + t
+            total += sum(self.proj(1) + self.mlp(1) + self.attn(1, ctx + v) for v in keys) + per_step + self.lm_head(1)
+        return total / max(steps, 1)
+
     def prefill(self, active: Sequence[int] | None, nt: int, nv: int, routed: bool = True) -> int:
         """LLM prefill FLOPs (LM head on the last token included). ``active=None`` means the dense host model.
 
         ``routed=False`` leaves out the policy MLP, for a configuration forced by the caller.
         """
-        head = self.lm_head(1)
+        body = sum(self.layer(nt + v) for v in self.visual_keys(active, nv)) + self.lm_head(1)
         if active is None:
-            return self.L * self.layer(nt + nv) + head
-        act = set(active)
-        body = sum(self.layer(nt + nv) if l in act else self.layer(nt) for l in range(self.L))
-        return body + len(self.schedule.ca_layers) * self.ca(nt, nv) + (self.policy() if routed else 0) + head
+            return body
+        return body + len(self.schedule.ca_layers) * self.ca(nt, nv) + (self.policy() if routed else 0)
 
     def fastv_prefill(self, nt: int, nv: int, layer: int, ratio: float) -> int:
         """Dense prefill with FastV pruning: ``ratio`` of the visual tokens dropped from layer ``layer`` on."""
-        keep = fastv_keep(nv, ratio)
-        return layer * self.layer(nt + nv) + (self.L - layer) * self.layer(nt + keep) + self.lm_head(1)
+        return sum(self.layer(nt + v) for v in self.fastv_keys(nv, layer, ratio)) + self.lm_head(1)
 
     def fastv_ratio_for(self, target: float, tokens: Sequence[tuple[float, float]], layer: int) -> float:
         """The FastV drop ratio whose mean prefill FLOPs over the ``tokens`` workloads ((text, visual) counts,
@@ -136,31 +152,16 @@ class FlopsModel:
 
     def fastv_decode(self, nt: int, nv: int, layer: int, ratio: float, steps: int) -> float:
         """Mean FastV decode FLOPs per token: every visual key before ``layer``, the kept ones after."""
-        keep = fastv_keep(nv, ratio)
-        total = 0
-        for t in range(1, steps + 1):
-            ctx = nt + t
-            total += sum(self.proj(1) + self.mlp(1) + self.attn(1, ctx + (nv if l < layer else keep)) for l in range(self.L))
-            total += self.lm_head(1)
-        return total / max(steps, 1)
+        return self._decode_mean(nt, self.fastv_keys(nv, layer, ratio), steps)
 
     def fastv_visual_kv_bytes(self, nv: int, layer: int, ratio: float, bytes_per_element: int = 2) -> int:
-        return (layer * nv + (self.L - layer) * fastv_keep(nv, ratio)) * 2 * self.d_kv * bytes_per_element
+        return sum(self.fastv_keys(nv, layer, ratio)) * 2 * self.d_kv * bytes_per_element
 
     def decode(self, active: Sequence[int] | None, nt: int, nv: int, steps: int) -> float:
-        """Mean FLOPs per generated token over ``steps`` decode steps after the prefill."""
-        total = 0
-        for t in range(1, steps + 1):
-            ctx = nt + t
-            if active is None:
-                total += self.L * (self.proj(1) + self.attn(1, ctx + nv) + self.mlp(1))
-            else:
-                act = set(active)
-                for l in range(self.L):
-                    total += self.proj(1) + self.mlp(1) + self.attn(1, ctx + (nv if l in act else 0))
-                total += len(self.schedule.ca_layers) * (4 * self.d * self.d + self.attn(1, nv))
-            total += self.lm_head(1)
-        return total / max(steps, 1)
+        """Mean FLOPs per generated token over ``steps`` decode steps after the prefill (CA blocks read the visual
+        K/V cached once per image: 4 d^2 + attn(1, Nv) each)."""
+        ca = 0 if active is None else len(self.schedule.ca_layers) * (4 * self.d * self.d + self.attn(1, nv))
+        return self._decode_mean(nt, self.visual_keys(active, nv), steps, ca)
 
     def visual_kv_bytes(self, active: Sequence[int] | None, nv: int, bytes_per_element: int = 2) -> int:
         layers = self.L if active is None else len(set(active)) + len(self.schedule.ca_layers)
@@ -195,6 +196,12 @@ class FlopsModel:
                 )
             )
         return rows
+
+
+def token_counts(ids: Any, mask: Any, image_token_id: int) -> tuple[list[int], list[int]]:
+    """(text tokens, visual tokens) per sample of a padded [B, N] batch: what every per-sample price is quoted at."""
+    vis = ids == image_token_id
+    return ((~vis) & mask.bool()).sum(1).tolist(), vis.sum(1).tolist()
 
 
 def format_table(rows: list[dict]) -> str:

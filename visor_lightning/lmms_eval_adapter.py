@@ -99,9 +99,9 @@ class VisorLMM:
 
     def _record(self, where: str, b: dict[str, Any], chosen: torch.Tensor) -> None:
         """Per request of a batch (``where`` names its last one): the configuration run and its FLOPs."""
-        vis = b["prompt_ids"] == self.model.backbone.image_token_id
-        nt = ((~vis) & b["prompt_mask"].bool()).sum(1).tolist()
-        nv = vis.sum(1).tolist()
+        from visor_lightning.flops import token_counts
+
+        nt, nv = token_counts(b["prompt_ids"], b["prompt_mask"], self.model.backbone.image_token_id)
         feas, names = self.model.schedule.feasible, self.model.schedule.names
         for i, (t, v, c) in enumerate(zip(nt, nv, chosen.tolist())):
             if self.fastv is not None:

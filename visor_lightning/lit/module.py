@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 import torch
 from torchmetrics import MeanMetric
 
-from visor_lightning.flops import FlopsModel
+from visor_lightning.flops import FlopsModel, token_counts
 from visor_lightning.models import BackboneSpec, LayerSchedule, ScheduleConfig, VisorModel
 from visor_lightning.models.fastv import FastVConfig
 
@@ -232,8 +232,7 @@ class VisorLitModule(pl.LightningModule):
 
     def token_counts(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[list[int], list[int]]:
         """(text tokens, visual tokens) per sample of a padded batch."""
-        vis = ids == self.spec.image_token_id
-        return ((~vis) & mask.bool()).sum(1).tolist(), vis.sum(1).tolist()
+        return token_counts(ids, mask, self.spec.image_token_id)
 
     def flops_models(self) -> tuple[FlopsModel, FlopsModel]:
         key = self.schedule.feasible
