@@ -15,6 +15,20 @@ def builder_args(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("command", "data_command", "no_progress", "version")}
 
 
+def image_fingerprints(out: str, split: str) -> frozenset[str]:
+    """The images of an already built split in ``out`` (an evaluation split built with ``--exclude-images-of``
+    train reuses none of them: held-out means held-out, even where a generator could repeat itself)."""
+    from .schema import SkipStats
+    from .shards import manifest_path, split_urls
+    from .streams import _fingerprint, read_samples
+
+    if not manifest_path(out, split).is_file():
+        raise FileNotFoundError(f"--exclude-images-of {split}: build that split in {out} first (no manifest)")
+    found = frozenset(_fingerprint(ex.image) for ex in read_samples(split_urls(out, split), SkipStats()))
+    print(f"synthetic: excluding the {len(found)} distinct images of {split}")
+    return found
+
+
 def run_build(args: argparse.Namespace) -> int:
     recorded = builder_args(args)
     if args.source == "llava-json":
@@ -25,8 +39,9 @@ def run_build(args: argparse.Namespace) -> int:
         total, items = easy_vqa_items(args.split, turns=args.turns, part=args.easy_vqa_split)
         print(f"easy-vqa: reading its {easy_vqa_part(args.split, args.easy_vqa_split)} split for {args.split!r}")
     else:
+        exclude = image_fingerprints(args.out, args.exclude_images_of) if args.exclude_images_of else frozenset()
         cfg = SyntheticConfig(image_size=args.image_size, tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
-                              turns=args.turns)
+                              turns=args.turns, exclude=exclude)
         total, items = synthetic_items(args.split, args.seed, args.max_samples or 1000, cfg)
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")

@@ -108,7 +108,7 @@ class Encoder:
             input_ids=torch.tensor(ids), labels=torch.tensor(labels), prompt_ids=torch.tensor(prompt),
             pixel_values=px["pixel_values"][0], image_size=px["image_sizes"][0],
             meta={"id": conv.id, "subset": conv.subset, "source": conv.source, "task": conv.extra.get("task", ""),
-                  "answer": conv.answer},
+                  "answer": conv.answer, "question": conv.question},
         )
 
 

@@ -29,6 +29,8 @@ from .tokenizer import load_tokenizer
 # Lightning's generic warning about IterableDataset lengths under multi-process loading cannot know.
 warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
 
+SWAPPED = "/swapped"  # suffix of a val set's swapped-image copy (``easy`` -> ``easy/swapped``)
+
 
 def resolve_shards(spec: str | list[str], *, field: str = "shards") -> list[str]:
     """Shard list from a glob (``dir/train-*.tar``), brace notation (``train-{000000..000003}.tar``), a
@@ -118,7 +120,7 @@ class VisorDataModule(pl.LightningDataModule):
         self.num_workers, self.batches_per_epoch = num_workers, batches_per_epoch
         self.shuffle_buffer, self.max_length, self.max_pixels = shuffle_buffer, max_length, max_pixels
         self.strict, self.seed = strict, seed
-        self.val_names = list(self.val_spec)
+        self.swap_images = False  # visor eval sets it: every val set is also read with images swapped
         self.encoder: Encoder | None = None
         self.train_stats: SkipStats | None = None
         self.val_stats: dict[str, SkipStats] = {}
@@ -143,16 +145,23 @@ class VisorDataModule(pl.LightningDataModule):
             self.val_stats = {k: SkipStats(self.strict, max_workers=max(1, self.num_workers)) for k in self.val_urls}
 
     @property
+    def val_names(self) -> list[str]:
+        """The evaluation sets in loader order: each ``data.val`` set, then (under ``swap_images``) its copy with
+        every sample's image swapped for another sample's (the vision-dependence control)."""
+        names = list(self.val_spec)
+        return names + [n + SWAPPED for n in names] if self.swap_images else names
+
+    @property
     def batches_per_worker(self) -> int:
         return math.ceil(self.batches_per_epoch / max(1, self.num_workers))
 
-    def _stream(self, urls: list[str], train: bool, stats: SkipStats, batch_size: int) -> ShardStream:
+    def _stream(self, urls: list[str], train: bool, stats: SkipStats, batch_size: int, swap: bool = False) -> ShardStream:
         assert self.encoder is not None, "call setup() first"
         return ShardStream(
             urls, train=train, batch_size=batch_size, encode=_EncodeExample(self.encoder),
             collate=functools.partial(collate, pad_id=self.encoder.pad_id), stats=stats,
             batches_per_worker=self.batches_per_worker if train else 0, shuffle_buffer=self.shuffle_buffer,
-            seed=self.seed, max_pixels=self.max_pixels,
+            seed=self.seed, max_pixels=self.max_pixels, swap=swap,
         )
 
     def train_dataloader(self) -> StreamLoader:
@@ -166,10 +175,15 @@ class VisorDataModule(pl.LightningDataModule):
 
     def _eval_loaders(self) -> list[StreamLoader]:
         self.setup("validate")
-        return [
+        loaders = [
             StreamLoader(self._stream(urls, False, self.val_stats[name], self.eval_batch_size), num_workers=self.num_workers)
             for name, urls in self.val_urls.items()
         ]
+        if self.swap_images:  # the same shards again; their reads are counted in the real set's stats
+            loaders += [StreamLoader(self._stream(urls, False, SkipStats(self.strict, max_workers=max(1, self.num_workers)),
+                                                  self.eval_batch_size, swap=True), num_workers=self.num_workers)
+                        for urls in self.val_urls.values()]
+        return loaders
 
     def val_dataloader(self) -> list[StreamLoader]:
         return self._eval_loaders()

@@ -55,6 +55,12 @@ class Conversation:
         """The last gpt turn (what evaluation asks for)."""
         return next(text for role, text in reversed(self.turns) if role == "gpt")
 
+    @property
+    def question(self) -> str:
+        """The last human turn without the image placeholder: what the question-only baseline keys on."""
+        text = next(text for role, text in reversed(self.turns) if role == "human")
+        return " ".join(text.replace(IMAGE_PLACEHOLDER, " ").split())
+
     def to_json(self) -> dict[str, Any]:
         conv = [{"from": r, "value": t} for r, t in self.turns]
         return {"id": self.id, "conversations": conv, "source": self.source, "subset": self.subset, **self.extra}

@@ -9,6 +9,7 @@ process (a forkserver-started worker has no process group to ask).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 import signal
@@ -104,6 +105,44 @@ def read_samples(urls: Iterable[str | dict], stats: SkipStats, max_pixels: int =
                 yield ex
 
 
+def _fingerprint(image: Any) -> str:
+    from .synthetic import image_fingerprint
+
+    return image_fingerprint(image)
+
+
+def swap_images(examples: Iterable[Example]) -> Iterator[Example]:
+    """The vision-dependence control: every example with another example's image (question and answer kept).
+
+    Each example takes the image of the nearest earlier example whose image differs (pixel fingerprint), so
+    consecutive questions about one image (easy-vqa, multi-question sets) still get a different image; the
+    first run of equal images takes the first different image that follows. Deterministic for a fixed stream
+    order; memory holds one run of equal images. Raises when the stream has a single distinct image.
+    """
+    pending: list[Example] = []  # the leading run: no different image seen yet
+    first_fp: str | None = None  # that run's fingerprint
+    prev: Any = None  # the image of the latest run before the current one
+    cur: tuple[str, Any] | None = None  # the current run's (fingerprint, image)
+    for ex in examples:
+        fp = _fingerprint(ex.image)
+        if cur is not None and fp != cur[0]:
+            prev = cur[1]
+        cur = (fp, ex.image)
+        if first_fp is None:
+            first_fp = fp
+        if pending and fp != first_fp:
+            yield from (dataclasses.replace(p, image=ex.image) for p in pending)
+            pending = []
+        if prev is None:
+            pending.append(ex)
+        else:
+            yield dataclasses.replace(ex, image=prev)
+    if pending:
+        raise ValueError(f"cannot swap images: the {len(pending)} sample(s) of this stream share one image "
+                         f"(first {pending[0].key!r} in {pending[0].url}); an evaluation set needs >= 2 images per "
+                         "rank and loader worker")
+
+
 def _seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "big")
 
@@ -129,8 +168,11 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 256,
         seed: int = 0,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        swap: bool = False,
     ) -> None:
         super().__init__()
+        if swap and train:
+            raise ValueError("swap (the swapped-image control) is for evaluation streams only")
         if not urls:
             raise ValueError("no shards given")
         if train and batches_per_worker < 1:
@@ -138,7 +180,7 @@ class ShardStream(IterableDataset):
         self.urls, self.train, self.batch_size = list(urls), train, batch_size
         self.encode, self.collate, self.stats = encode, collate, stats
         self.batches_per_worker, self.shuffle_buffer = batches_per_worker, shuffle_buffer
-        self.seed, self.max_pixels = seed, max_pixels
+        self.seed, self.max_pixels, self.swap = seed, max_pixels, swap
         self.epoch = 0
         self.num_workers = 0  # set by StreamLoader; gives the epoch length
         self.rank, self.world_size = 0, 1  # set by StreamLoader in the main process (workers may not know it)
@@ -179,6 +221,7 @@ class ShardStream(IterableDataset):
             wds.SimpleShardList(mine),
             wds.split_by_worker,
             lambda src: read_samples(src, self.stats, self.max_pixels),
+            *([swap_images] if self.swap else []),
             self._encoded,
             wds.batched(self.batch_size, collation_fn=self.collate, partial=True),
         ]

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .scenes import SCENE_TASKS, family, make_scene
 from .schema import IMAGE_PLACEHOLDER
 
-TASKS = ("read", "count", "chart")
+DOCUMENT_TASKS = ("read", "count", "chart")  # hard, text-rich pages (large canvases)
+TASKS = DOCUMENT_TASKS + SCENE_TASKS  # scene tasks (data/scenes.py): the embedded demo's easy and hard families
 POSITIONS = ("top-left", "top", "top-right", "left", "center", "right", "bottom-left", "bottom", "bottom-right")
 COLOURS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (30, 160, 60), "orange": (240, 140, 20)}
 
@@ -28,6 +30,7 @@ class SyntheticConfig:
     max_count: int = 9
     num_bars: int = 5
     turns: int = 1  # questions per image (a multi-turn sample)
+    exclude: frozenset[str] = frozenset()  # image fingerprints (e.g. a training split's) this split must not reuse
 
     def __post_init__(self) -> None:
         unknown = set(self.tasks) - set(TASKS)
@@ -113,28 +116,46 @@ def _chart(rng: random.Random, s: int, num_bars: int) -> tuple[Image.Image, QA]:
     return img, [(f"What is the value of bar {'ABCDEFGH'[t]}?", str(v)) for t, v in enumerate(values)]
 
 
+def image_fingerprint(img: Image.Image) -> str:
+    """Pixel identity of an RGB image (what a PNG round trip keeps)."""
+    return hashlib.sha1(img.tobytes() + repr(img.size).encode()).hexdigest()
+
+
+def _image(task: str, rng: random.Random, cfg: SyntheticConfig) -> tuple[Image.Image, QA]:
+    if task in SCENE_TASKS:
+        img, qa = make_scene(task, rng, cfg.image_size)
+    elif task == "read":
+        img, qa = _read(rng, cfg.image_size)
+    elif task == "count":
+        img, qa = _count(rng, cfg.image_size, cfg.max_count)
+    else:
+        img, qa = _chart(rng, cfg.image_size, cfg.num_bars)
+    return img, qa
+
+
 def make_sample(cfg: SyntheticConfig, seed: int, split: str, index: int) -> tuple[dict, Image.Image]:
     """Sample ``index`` of ``split``: (LLaVA record, RGB image). Pure function of its arguments.
 
     ``cfg.turns`` questions about the same image (distinct, in random order) make a multi-turn conversation."""
     rng = _rng(seed, split, index)
     task = cfg.tasks[index % len(cfg.tasks)]
-    if task == "read":
-        img, qa = _read(rng, cfg.image_size)
-    elif task == "count":
-        img, qa = _count(rng, cfg.image_size, cfg.max_count)
+    for _ in range(1000):  # redraw an image that the excluded split holds (same rng stream: still a pure function)
+        img, qa = _image(task, rng, cfg)
+        if not cfg.exclude or image_fingerprint(img) not in cfg.exclude:
+            break
     else:
-        img, qa = _chart(rng, cfg.image_size, cfg.num_bars)
+        raise RuntimeError(f"synthetic {split}[{index}]: 1000 draws all hit the excluded images; the task is too small")
     picked = rng.sample(qa, min(cfg.turns, len(qa)))
+    suffix = "" if task in SCENE_TASKS else " Answer with a number."
     conv = []
     for j, (q, a) in enumerate(picked):
-        conv += [{"from": "human", "value": (f"{IMAGE_PLACEHOLDER}\n" if j == 0 else "") + f"{q} Answer with a number."},
+        conv += [{"from": "human", "value": (f"{IMAGE_PLACEHOLDER}\n" if j == 0 else "") + q + suffix},
                  {"from": "gpt", "value": a}]
     record = {
         "id": f"synthetic-{split}-{index:07d}",
         "conversations": conv,
         "source": "synthetic",
-        "subset": "hard",
+        "subset": family(task) if task in SCENE_TASKS else "hard",
         "task": task,
     }
     return record, img

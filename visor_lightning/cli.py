@@ -105,6 +105,8 @@ def _add_data_parsers(sub) -> None:
     b.add_argument("--tasks", default="read,count,chart", help="synthetic: comma-separated tasks (default read,count,chart)")
     b.add_argument("--easy-vqa-split", choices=["train", "test"], default=None,
                    help="easy-vqa: which of its splits to read (default: train if the split name contains 'train')")
+    b.add_argument("--exclude-images-of", default=None, metavar="SPLIT",
+                   help="synthetic: never reuse an image of this split (already built in --out), e.g. train for a test split")
     b.add_argument("--turns", type=_positive, default=1, help="easy-vqa/synthetic: questions per image in one multi-turn sample")
     b.add_argument("--max-pixels", type=_positive, default=64_000_000, help="skip images with more pixels (default 64M)")
     b.add_argument("--strict", action="store_true", help="raise on the first bad sample instead of skipping it")

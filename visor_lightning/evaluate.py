@@ -28,14 +28,19 @@ def training_run_id(ckpt: Path) -> str | None:
     return None
 
 
-def markdown(results: dict[str, dict[str, dict[str, Any]]], dense_gflops: dict[str, float]) -> str:
-    lines = ["| set | target | samples | accuracy % | GFLOPs / sample (mean) | min - max | saving vs dense |",
-             "|---|---|---|---|---|---|---|"]
+def markdown(results: dict[str, dict[str, dict[str, Any]]], dense_gflops: dict[str, float],
+             baselines: dict[str, dict[str, Any]] | None = None) -> str:
+    lines = ["| set | target | samples | accuracy % | swapped images % | GFLOPs / sample (mean) | min - max | saving vs dense |",
+             "|---|---|---|---|---|---|---|---|"]
     for s, targets in results.items():
-        lines.append(f"| {s} | dense (analytic) | | | {dense_gflops[s]:.3f} | | 1.00x |")
+        lines.append(f"| {s} | dense (analytic) | | | | {dense_gflops[s]:.3f} | | 1.00x |")
         for t, r in targets.items():
-            lines.append(f"| {s} | {t} | {r['samples']} | {100 * r['acc']:.1f} | {r['gflops']:.3f} | "
+            swapped = f"{100 * r['acc_swapped']:.1f}" if "acc_swapped" in r else "-"
+            lines.append(f"| {s} | {t} | {r['samples']} | {100 * r['acc']:.1f} | {swapped} | {r['gflops']:.3f} | "
                          f"{r['gflops_min']:.3f} - {r['gflops_max']:.3f} | {r['saving']:.2f}x |")
+    for s, b in (baselines or {}).items():
+        lines.append(f"\nQuestion-only baseline on {s}: {100 * b['acc']:.1f}% (majority answer per question, counted on "
+                     f"{b['counted_on']}; uniform-answer chance {100 * b['chance']:.1f}%)")
     return "\n".join(lines)
 
 
@@ -45,7 +50,12 @@ def split_names(text: str) -> list[str]:
 
 
 def run_eval(config: list[str], ckpt: str, *, targets: str = "all", out: str | None = None, run_id: str | None = None,
-             extra: list[str] | None = None) -> dict[str, Any]:
+             extra: list[str] | None = None, swap: bool = True,
+             baseline_train: dict[str, str] | str | None = None) -> dict[str, Any]:
+    """Score every target on every ``data.val`` set; with ``swap`` also on each set's swapped-image copy
+    (``acc_swapped``), and the question-only baseline per set (``baseline_train``: a training split for all
+    sets, or one per set name; else counted on the set itself)."""
+    from visor_lightning.data.datamodule import SWAPPED
     from visor_lightning.lit.cli import VisorCLI
     from visor_lightning.lit.module import POLICY
 
@@ -62,37 +72,63 @@ def run_eval(config: list[str], ckpt: str, *, targets: str = "all", out: str | N
     module, dm, trainer = cli.model, cli.datamodule, cli.trainer
     names = module.schedule.names
     wanted = list(names) if targets == "all" else split_names(targets)
-    if targets == "all":
+    if targets == "all" and module.schedule.router_layer is not None:  # a dense model has nothing to route
         wanted.append(POLICY)
     module.hparams.eval_configs = wanted
     module.eval_targets()  # unknown names fail here, before any data is read
     module.sample_records = []
+    if isinstance(baseline_train, dict):
+        unknown = set(baseline_train) - set(dm.val_spec)
+        if unknown:
+            raise ValueError(f"--baseline-train names {sorted(unknown)}, not evaluation sets {list(dm.val_spec)}")
+    dm.swap_images = swap
     trainer.validate(module, datamodule=dm)
 
     records = module.sample_records
+    for r in records:
+        r["swapped"] = r["set"].endswith(SWAPPED)
+        r["set"] = r["set"].removesuffix(SWAPPED)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     dense: dict[str, float] = {}
     for s, targets_ in module.eval_results.items():
+        if s.endswith(SWAPPED):
+            continue
         results[s] = {}
-        rows = [r for r in records if r["set"] == s]
+        rows = [r for r in records if r["set"] == s and not r["swapped"]]
         dense[s] = sum(r["dense_gflops"] for r in rows) / max(1, len(rows))
         for t, r in targets_.items():
             per = [x["gflops"] for x in rows if x["target"] == t]
             results[s][t] = {**r, "samples": len(per), "gflops_min": min(per, default=0.0),
                              "gflops_max": max(per, default=0.0)}
+            if swap:
+                results[s][t]["acc_swapped"] = module.eval_results[s + SWAPPED][t]["acc"]
+    baselines = {s: baseline_for(s, records, baseline_train) for s in results}
+    tokens = {s: v for s, v in module.eval_tokens.items() if not s.endswith(SWAPPED)}
     doc = {"config": config, "ckpt": str(ckpt_path), "schedule": module.schedule.describe(), "results": results,
-           "dense_gflops": dense, "tokens": module.eval_tokens, "samples": records}
+           "baselines": baselines, "dense_gflops": dense, "tokens": tokens, "samples": records}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(json.dumps(doc, indent=2))
-    table = markdown(results, dense)
+    table = markdown(results, dense, baselines)
     (out_dir / "eval.md").write_text(table + "\n")
     doc["table"], doc["out"] = table, str(out_dir)
-    doc["mlflow_run_id"] = log_to_mlflow(results, out_dir, run_id, training_run_id(ckpt_path))
+    doc["mlflow_run_id"] = log_to_mlflow(results, out_dir, run_id, training_run_id(ckpt_path), baselines)
     return doc
 
 
+def baseline_for(name: str, records: list[dict[str, Any]], train: dict[str, str] | str | None) -> dict[str, Any]:
+    """The question-only baseline of evaluation set ``name`` (its real-image records, one per sample)."""
+    from visor_lightning.controls import question_only_baseline, read_qa
+
+    first = next((r["target"] for r in records if r["set"] == name), None)
+    evaluated = [(r["question"], r["answer"]) for r in records if r["set"] == name and not r["swapped"] and r["target"] == first]
+    spec = train.get(name) if isinstance(train, dict) else train
+    if spec is None:
+        return question_only_baseline(evaluated)
+    return question_only_baseline(evaluated, read_qa(spec), reference_name=str(spec))
+
+
 def log_to_mlflow(results: dict[str, dict[str, dict[str, Any]]], out_dir: Path, run_id: str | None,
-                  found: str | None) -> str:
+                  found: str | None, baselines: dict[str, dict[str, Any]] | None = None) -> str:
     """Into ``run_id`` (must exist), else the training run ``found`` beside the checkpoint if this store has it,
     else a new run in experiment ``visor-eval``."""
     from mlflow import MlflowClient
@@ -128,6 +164,11 @@ def log_to_mlflow(results: dict[str, dict[str, dict[str, Any]]], out_dir: Path, 
             client.log_metric(run_id, f"eval/{s}/acc/{k}", r["acc"])
             client.log_metric(run_id, f"eval/{s}/gflops/{k}", r["gflops"])
             client.log_metric(run_id, f"eval/{s}/flops_saving/{k}", r["saving"])
+            if "acc_swapped" in r:
+                client.log_metric(run_id, f"eval/{s}/acc_swapped/{k}", r["acc_swapped"])
+    for s, b in (baselines or {}).items():
+        client.log_metric(run_id, f"eval/{s}/question_only_acc", b["acc"])
+        client.log_metric(run_id, f"eval/{s}/answer_chance", b["chance"])
     client.log_artifact(run_id, str(out_dir / "eval.json"), "eval")
     client.log_artifact(run_id, str(out_dir / "eval.md"), "eval")
     return run_id
@@ -142,8 +183,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "on a dense model also the FastV peer, fastv(k=K,r=R)")
     p.add_argument("--out", default=None, help="where eval.json / eval.md go (default: <ckpt dir>/eval)")
     p.add_argument("--run-id", default=None, help="MLflow run to log into (default: the run that wrote --ckpt)")
+    p.add_argument("--no-swap", action="store_true", help="skip the swapped-image control (each set is read once)")
+    p.add_argument("--baseline-train", action="append", default=[], metavar="[SET=]SHARDS",
+                   help="training split for the question-only baseline (manifest, glob), for every set or for SET; "
+                   "default: counted on the evaluated set itself")
     p.add_argument("--json", action="store_true", help="print the JSON document instead of the table")
     return p
+
+
+def parse_baseline_train(values: list[str]) -> dict[str, str] | str | None:
+    """``["x-manifest.json"]`` -> one split for every set; ``["easy=a", "hard=b"]`` -> per set."""
+    if not values:
+        return None
+    named = [v for v in values if "=" in v]
+    if not named and len(values) == 1:
+        return values[0]
+    if len(named) != len(values):
+        raise ValueError(f"--baseline-train: give one split for every set, or SET=SHARDS for each; got {values}")
+    return dict(v.split("=", 1) for v in values)
 
 
 def eval_main(argv: list[str]) -> int:
@@ -152,7 +209,8 @@ def eval_main(argv: list[str]) -> int:
     argv, extra = split_passthrough(argv)
     a = build_parser().parse_args(argv)
     try:
-        doc = run_eval(a.config, a.ckpt, targets=a.configs, out=a.out, run_id=a.run_id, extra=extra)
+        doc = run_eval(a.config, a.ckpt, targets=a.configs, out=a.out, run_id=a.run_id, extra=extra, swap=not a.no_swap,
+                       baseline_train=parse_baseline_train(a.baseline_train))
     except (FileNotFoundError, ValueError) as e:
         print(f"visor eval: error: {e}", file=sys.stderr)
         return 2

@@ -347,7 +347,8 @@ class VisorLitModule(pl.LightningModule):
             self.flops_mean[k].update(flops)
             if self.sample_records is not None:
                 self.sample_records += [
-                    {"set": s, "target": t, "id": batch["id"][i], "subset": batch["subset"][i], "prediction": p,
+                    {"set": s, "target": t, "id": batch["id"][i], "subset": batch["subset"][i],
+                     "question": batch["question"][i], "prediction": p,
                      "answer": a, "correct": normalize_answer(p) == normalize_answer(a),
                      "config": t if fastv else self.schedule.names[int(c)], "gflops": float(f) / 1e9,
                      "dense_gflops": float(d) / 1e9}
