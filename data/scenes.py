@@ -3,8 +3,8 @@
 Every question's answer is uniform over its answer set given the question string, so a question-only model
 scores chance (the "question-only baseline"); only the image can do better.
 
-- **easy** (coarse, one glance): ``shape``: one large shape on the canvas; its colour, or its kind.
-  Readable from the low-resolution base view of AnyRes.
+- **easy** (coarse, one glance): ``shape``: one large shape on a plain background; the colour of the shape,
+  or of the background.
 - **hard** (fine-grained, relational): small squares, each one cell of a grid of 8-px cells (one SigLIP
   patch at the demo's 32-px canvas, 32-px crops and 8-px patches; a 4x4 grid):
   ``tally`` how many squares of a colour; ``locate`` the colour at a named row and column; ``beside`` the
@@ -37,11 +37,14 @@ def family(task: str) -> str:
 
 
 def _shape(rng: random.Random, s: int) -> tuple[Image.Image, QA]:
-    img = Image.new("RGB", (s, s), BACKGROUND)
+    """One large shape on a plain background of another colour; it never touches the border."""
+    colour, ground = rng.sample(sorted(PALETTE), 2)
+    kind = rng.choice(SHAPES)
+    img = Image.new("RGB", (s, s), PALETTE[ground])
     d = ImageDraw.Draw(img)
-    colour, kind = rng.choice(sorted(PALETTE)), rng.choice(SHAPES)
-    size = rng.randint(int(0.55 * s), int(0.8 * s))
-    x0, y0 = rng.randint(0, s - size), rng.randint(0, s - size)
+    margin = max(2, s // 8)
+    size = rng.randint(int(0.45 * s), s - 2 * margin)
+    x0, y0 = rng.randint(margin, s - margin - size), rng.randint(margin, s - margin - size)
     box = [x0, y0, x0 + size - 1, y0 + size - 1]
     if kind == "circle":
         d.ellipse(box, fill=PALETTE[colour])
@@ -49,7 +52,7 @@ def _shape(rng: random.Random, s: int) -> tuple[Image.Image, QA]:
         d.rectangle(box, fill=PALETTE[colour])
     else:
         d.polygon([(x0 + size / 2, y0), (x0, y0 + size - 1), (x0 + size - 1, y0 + size - 1)], fill=PALETTE[colour])
-    return img, [("What color is the shape?", colour), ("What shape is it?", kind)]
+    return img, [("What color is the shape?", colour), ("What color is the background?", ground)]
 
 
 def _cells(s: int) -> int:

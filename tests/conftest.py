@@ -130,12 +130,20 @@ def demo_data(tmp_path_factory) -> Path:
     build_data({
         "dir": str(out),
         "builds": [
-            {"source": "easy-vqa", "split": "easy_train", "max_samples": 64, "shard_size": 16},
-            {"source": "easy-vqa", "split": "easy_val", "max_samples": 16, "shard_size": 8},
-            {"source": "synthetic", "split": "hard_train", "max_samples": 64, "shard_size": 16, "image_size": 64},
-            {"source": "synthetic", "split": "hard_val", "max_samples": 16, "shard_size": 8, "image_size": 64},
+            {"source": "synthetic", "split": "easy_train", "tasks": "shape", "max_samples": 64, "shard_size": 16,
+             "image_size": 32, "turns": 2, "seed": 1},
+            {"source": "synthetic", "split": "hard_train", "tasks": "tally,locate,beside", "max_samples": 64,
+             "shard_size": 16, "image_size": 32, "turns": 3, "seed": 1},
+            {"source": "synthetic", "split": "easy_dev", "tasks": "shape", "max_samples": 16, "shard_size": 8,
+             "image_size": 32, "seed": 2, "exclude_images_of": "easy_train"},
+            {"source": "synthetic", "split": "hard_dev", "tasks": "tally,locate,beside", "max_samples": 16,
+             "shard_size": 8, "image_size": 32, "seed": 2, "exclude_images_of": "hard_train"},
+            {"source": "synthetic", "split": "easy_test", "tasks": "shape", "max_samples": 16, "shard_size": 8,
+             "image_size": 32, "seed": 3, "exclude_images_of": "easy_train"},
+            {"source": "synthetic", "split": "hard_test", "tasks": "tally,locate,beside", "max_samples": 16,
+             "shard_size": 8, "image_size": 32, "seed": 3, "exclude_images_of": "hard_train"},
         ],
-        "tokenizer": {"vocab_size": 400, "splits": ["easy_train", "hard_train"]},
+        "tokenizer": {"vocab_size": 512, "splits": ["easy_train", "hard_train"]},
     }, restart=True)
     return out
 
@@ -146,14 +154,14 @@ def tiny_pipeline(demo_data, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("pipeline")
     from visor_lightning.pipeline import load_pipeline, run_pipeline
 
-    cfg = load_pipeline(ROOT / "experiments/debug/pipeline.yaml")
-    cfg["out"] = str(out)
-    cfg["experiment"] = "visor-test"
-    cfg.pop("data")  # built above (the builder itself is what demo_data used)
     env = {"VISOR_DATA": str(demo_data), "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
+        cfg = load_pipeline(ROOT / "experiments/debug/pipeline.yaml")  # resolves ${oc.env:VISOR_DATA} here
+        cfg["out"] = str(out)
+        cfg["experiment"] = "visor-test"
+        cfg.pop("data")  # built above (the builder itself is what demo_data used)
         t = time.perf_counter()
         assert run_pipeline(cfg, extra=TINY_STEPS.split()) == 0
         seconds = time.perf_counter() - t

@@ -23,7 +23,7 @@ def _reference(weights: Path, data: Path) -> dict[tuple[str, str, str], dict]:
     """Every fixed configuration on every validation sample: generate, exact match, analytic prefill FLOPs."""
     model = load_weights(weights).eval()
     fm = FlopsModel(model.backbone, model.schedule, json.loads((weights / "visor.json").read_text())["policy_width"])
-    dm = VisorDataModule(val={"easy": str(data / "easy_val-manifest.json"), "hard": str(data / "hard_val-manifest.json")},
+    dm = VisorDataModule(val={"easy": str(data / "easy_dev-manifest.json"), "hard": str(data / "hard_dev-manifest.json")},
                          tokenizer=str(data / "tokenizer"), batch_size=4, eval_batch_size=5, num_workers=0)
     dm.backbone = model.backbone
     dm.setup("validate")

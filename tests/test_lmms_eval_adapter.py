@@ -26,9 +26,9 @@ class Instance:  # lmms-eval's Instance as the model sees it: request type and t
 
 
 def _docs(data) -> dict[str, dict[str, Any]]:
-    """easy_val straight from its tar shards: id -> {image, question, answer}."""
+    """easy_dev straight from its tar shards: id -> {image, question, answer}."""
     docs: dict[str, dict[str, Any]] = {}
-    for tar in sorted(data.glob("easy_val-*.tar")):
+    for tar in sorted(data.glob("easy_dev-*.tar")):
         members: dict[str, dict[str, bytes]] = {}
         with tarfile.open(tar) as t:
             for m in t.getmembers():
@@ -50,9 +50,9 @@ def _requests(docs, kind="generate_until", continuation=None):
 
 
 def _data_path(weights, data, batch: int):
-    """The checkpoint, the easy_val loader the training/eval path uses, and its tokenizer."""
+    """The checkpoint, the easy_dev loader the training/eval path uses, and its tokenizer."""
     model = load_weights(weights).eval()
-    dm = VisorDataModule(val={"easy": str(data / "easy_val-manifest.json")}, tokenizer=str(data / "tokenizer"),
+    dm = VisorDataModule(val={"easy": str(data / "easy_dev-manifest.json")}, tokenizer=str(data / "tokenizer"),
                          batch_size=4, eval_batch_size=batch, num_workers=0)
     dm.backbone = model.backbone
     dm.setup("validate")

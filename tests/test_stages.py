@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _data(d: Path, **kw) -> VisorDataModule:
     return VisorDataModule(train=[str(d / "easy_train-manifest.json"), str(d / "hard_train-manifest.json")],
-                           val={"easy": str(d / "easy_val-manifest.json"), "hard": str(d / "hard_val-manifest.json")},
+                           val={"easy": str(d / "easy_dev-manifest.json"), "hard": str(d / "hard_dev-manifest.json")},
                            tokenizer=str(d / "tokenizer"), **{"batch_size": 4, "num_workers": 0, "batches_per_epoch": 2, **kw})
 
 
@@ -146,7 +146,7 @@ def test_universal_stage_trains_under_ddp_with_two_ranks(tiny_pipeline, tmp_path
             "--model.init_args.init_from", str(tiny_pipeline["out"] / "full_finetune" / "weights"),
             "--trainer.default_root_dir", str(root), "--trainer.max_steps", "4", "--data.batches_per_epoch", "4",
             "--data.batch_size", "2", "--global_batch_size", "4", "--data.num_workers", "1",
-            "--data.val.easy", str(d / "easy_val-000000.tar"), "--data.val.hard", str(d / "hard_val-000000.tar")]
+            "--data.val.easy", str(d / "easy_dev-000000.tar"), "--data.val.hard", str(d / "hard_dev-000000.tar")]
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in done.stderr + done.stdout

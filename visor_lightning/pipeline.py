@@ -160,13 +160,14 @@ def run_pipeline(cfg: dict[str, Any], restart: bool = False, only_data: bool = F
         parent_file.write_text(parent.info.run_id)
         sha, dirty = code_version()
         mlflow.set_tags({"stage": "pipeline", "git_commit": sha, "git_dirty": str(dirty).lower()})
+        timings: dict[str, float] = {}
         if cfg.get("data"):
             build_data(cfg["data"], restart)  # counts go to this parent run
+            timings["data"] = round(time.perf_counter() - t0, 1)
         if only_data:
             return 0
         os.environ[PARENT_ENV] = parent.info.run_id
         done: dict[str, Path] = {}
-        timings: dict[str, float] = {}
         try:
             for st in cfg["stages"]:
                 root = out / st["name"]
@@ -222,7 +223,11 @@ def match_steps(cfg: dict[str, Any], stage: dict[str, Any], done: dict[str, Path
         return []
     steps = sum(int(json.loads((done[n] / "weights" / "visor.json").read_text())["global_step"]) for n in long["as_long_as"])
     print(f"== stage {stage['name']}: {steps} optimizer steps, as many as {' + '.join(long['as_long_as'])}")
-    return ["--trainer.max_steps", str(steps), "--trainer.max_epochs", "-1"]
+    from omegaconf import OmegaConf
+
+    own = OmegaConf.load(stage["config"])  # one epoch of exactly these steps, so the stage validates at its end
+    accum = max(1, int(own.get("global_batch_size") or 1) // int(own.get("data", {}).get("batch_size") or 1))
+    return ["--trainer.max_steps", str(steps), "--trainer.max_epochs", "1", "--data.batches_per_epoch", str(steps * accum)]
 
 
 def eval_sets_args(cfg: dict[str, Any]) -> list[str]:
