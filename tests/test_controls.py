@@ -50,7 +50,7 @@ def test_question_only_baseline_by_hand():
     # majority: "is it red?" -> yes (1 of 2 right); "what shape?" -> circle (first of a tie, right); unseen -> the
     # overall majority "yes" (right)
     assert b["acc"] == pytest.approx(3 / 4)
-    assert b["chance"] == pytest.approx((1 / 2 + 1 / 2 + 1 / 2 + 1 / 3) / 4)  # 3 distinct answers overall
+    assert b["chance"] == pytest.approx((1 / 2 + 1 / 2 + 1 / 2 + 1 / 4) / 4)  # yes, no, circle, square overall
     assert b["unseen_questions"] == 1 and b["questions"] == 3 and b["counted_on"] == "train"
     own = question_only_baseline(evaluated)
     assert own["counted_on"].startswith("the evaluated set itself") and own["acc"] == pytest.approx(3 / 4)

@@ -154,6 +154,7 @@ def test_build_counts_go_to_the_active_mlflow_run(tmp_path):
         total, items = easy_vqa_items("test")
         m = build_shards(items, tmp_path / "s", "test", total=total, max_samples=5, progress=False)
         assert not log_counts_to_mlflow("data/test", manifest_counts(m))  # no run active: nothing is created
+        mlflow.set_experiment("data-counts")  # an experiment of this store (an earlier pipeline set another store's)
         with mlflow.start_run() as run:
             assert log_counts_to_mlflow("data/test", manifest_counts(m))
         got = MlflowClient(uri).get_run(run.info.run_id).data.metrics

@@ -192,8 +192,11 @@ def plot(rows: list[dict[str, Any]], out: Path) -> Path:
             ax.scatter(x, y, marker=marker, color=colour, s=160 if marker == "*" else 60, zorder=3)
             ax.annotate(r["config"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
             if r["acc_swapped"].get(f) is not None:
-                ax.scatter(x, 100 * r["acc_swapped"][f], marker=marker if marker != "x" else "+", facecolors="none",
-                           edgecolors=colour, color=colour, s=50, alpha=0.6, zorder=2)
+                y = 100 * r["acc_swapped"][f]
+                if marker == "x":  # an unfilled marker: no hollow version
+                    ax.scatter(x, y, marker="+", color=colour, s=50, alpha=0.6, zorder=2)
+                else:
+                    ax.scatter(x, y, marker=marker, facecolors="none", edgecolors=colour, s=50, alpha=0.6, zorder=2)
         ax.set_xlabel("LLM prefill GFLOPs per sample")
         ax.set_ylabel("accuracy (%)")
         ax.set_title(f"{f}: filled = real images, hollow = swapped images")
