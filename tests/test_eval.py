@@ -21,6 +21,9 @@ CONFIG = ROOT / "experiments/debug/stage4_policy.yaml"
 
 def _reference(weights: Path, data: Path) -> dict[tuple[str, str, str], dict]:
     """Every fixed configuration on every validation sample: generate, exact match, analytic prefill FLOPs."""
+    from omegaconf import OmegaConf
+
+    new_tokens = OmegaConf.load(CONFIG).model.init_args.max_new_tokens  # what visor eval generates
     model = load_weights(weights).eval()
     fm = FlopsModel(model.backbone, model.schedule, json.loads((weights / "visor.json").read_text())["policy_width"])
     dm = VisorDataModule(val={"easy": str(data / "easy_dev-manifest.json"), "hard": str(data / "hard_dev-manifest.json")},
@@ -38,7 +41,7 @@ def _reference(weights: Path, data: Path) -> dict[tuple[str, str, str], dict]:
                 ids = torch.full((len(nt),), c)
                 with torch.no_grad():
                     tokens, _ = model.generate(batch["prompt_ids"], batch["pixel_values"], batch["image_sizes"],
-                                               batch["prompt_mask"], max_new_tokens=4, config_ids=ids,
+                                               batch["prompt_mask"], max_new_tokens=new_tokens, config_ids=ids,
                                                eos_token_id=tok.eos_token_id)
                 for i, pred in enumerate(tok.batch_decode(tokens, skip_special_tokens=True)):
                     out[(name, config, batch["id"][i])] = {
