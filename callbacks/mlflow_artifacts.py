@@ -43,10 +43,21 @@ def plot_accuracy_vs_flops(results: dict[str, dict[str, dict[str, Any]]], out: P
         if dense and s in dense:
             ax.scatter(dense[s]["gflops"], 100 * dense[s]["acc"], marker="s", s=70, color="black", zorder=3)
             ax.annotate("dense", (dense[s]["gflops"], 100 * dense[s]["acc"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
-        ax.set_xlabel("LLM prefill GFLOPs per sample")
-        ax.set_ylabel("accuracy (%)")
-        ax.set_title(f"{title}: {s}")
-        ax.grid(alpha=0.3)
+        label_axis(ax, f"{title}: {s}")
+    return save_figure(fig, out)
+
+
+def label_axis(ax, title: str) -> None:
+    """The axes every accuracy-vs-FLOPs panel has."""
+    ax.set_xlabel("LLM prefill GFLOPs per sample")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+
+
+def save_figure(fig, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

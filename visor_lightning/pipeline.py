@@ -47,6 +47,9 @@ def load_pipeline(path: str | Path) -> dict[str, Any]:
                              f"optimizer steps it matches); stages are {names}")
         if names.index(long["stage"]) < max(names.index(n) for n in long["as_long_as"]):
             raise ValueError(f"{path}: stage {long['stage']!r} must come after {long['as_long_as']} (its steps are their sum)")
+    bad = set(sm.get("eval") or {}) - {"sets", "baseline_train"}
+    if bad:
+        raise ValueError(f"{path}: unknown key(s) summary.eval.{sorted(bad)}; expected sets, baseline_train")
     names = []
     for i, st in enumerate(cfg["stages"]):
         bad = set(st) - STAGE_KEYS

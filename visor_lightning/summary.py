@@ -182,6 +182,8 @@ def plot(rows: list[dict[str, Any]], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from visor_lightning.callbacks.mlflow_artifacts import label_axis, save_figure
+
     fams = list(rows[0]["acc"])
     fig, axes = plt.subplots(1, len(fams), figsize=(6 * len(fams), 4.5), squeeze=False)
     style = {"dense": ("s", "black"), "fixed": ("o", "tab:blue"), "policy": ("*", "tab:red"), "fastv": ("x", "tab:green")}
@@ -197,12 +199,5 @@ def plot(rows: list[dict[str, Any]], out: Path) -> Path:
                     ax.scatter(x, y, marker="+", color=colour, s=50, alpha=0.6, zorder=2)
                 else:
                     ax.scatter(x, y, marker=marker, facecolors="none", edgecolors=colour, s=50, alpha=0.6, zorder=2)
-        ax.set_xlabel("LLM prefill GFLOPs per sample")
-        ax.set_ylabel("accuracy (%)")
-        ax.set_title(f"{f}: filled = real images, hollow = swapped images")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+        label_axis(ax, f"{f}: filled = real images, hollow = swapped images")
+    return save_figure(fig, out)
