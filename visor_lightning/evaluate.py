@@ -82,6 +82,7 @@ def run_eval(config: list[str], ckpt: str, *, targets: str = "all", out: str | N
         if unknown:
             raise ValueError(f"--baseline-train names {sorted(unknown)}, not evaluation sets {list(dm.val_spec)}")
     dm.swap_images = swap
+    module.score_loss = False  # eval.json reports answers, not the teacher-forced loss: one forward pass less
     trainer.validate(module, datamodule=dm)
 
     records = module.sample_records

@@ -105,6 +105,7 @@ class VisorLitModule(pl.LightningModule):
         self.eval_tokens: dict[str, dict[str, float]] = {}  # per val set: mean prompt text / visual tokens
         self.sample_records: list[dict[str, Any]] | None = None  # a list: validation keeps one record per sample
         self.last_layer_calls: dict[str, int] = {}
+        self.score_loss = True  # validation also logs the teacher-forced loss (visor eval, which reports none, skips it)
         self._metrics_ready = False
 
     # ---- model --------------------------------------------------------------------------------------
@@ -320,7 +321,8 @@ class VisorLitModule(pl.LightningModule):
         tok = self._tokenizer()
         bs = batch["input_ids"].shape[0]
         full = torch.full((bs,), self.schedule.full_config, device=self.device)
-        self.val_loss[s].update(self.forward_batch(batch, full).loss)
+        if self.score_loss:
+            self.val_loss[s].update(self.forward_batch(batch, full).loss)
         _, dense = self.flops_per_sample(batch["prompt_ids"], batch["prompt_mask"], full, routed=False,
                                          image_sizes=batch["image_sizes"])
         self.dense_mean[s].update(dense)
@@ -373,7 +375,8 @@ class VisorLitModule(pl.LightningModule):
             # every value below is already summed over ranks by its torchmetric; sync_dist only keeps Lightning
             # from warning (the ranks hold the same number)
             log = lambda name, v: self.log(name, v, sync_dist=True)  # noqa: E731
-            log(f"{prefix}/{s}/loss", self.val_loss[s].compute())
+            if self.score_loss:
+                log(f"{prefix}/{s}/loss", self.val_loss[s].compute())
             log(f"{prefix}/{s}/gflops/dense", dense / 1e9)
             results[s] = {}
             for t in self.eval_targets():
