@@ -85,7 +85,7 @@ def _tally(rng: random.Random, s: int) -> tuple[Image.Image, QA]:
     for c, k in counts.items():
         for pos in _free(rng, set(cells), k, n):
             cells[pos] = c
-    return _grid(cells, s), [(f"How many {c} squares are there?", str(n)) for c, n in counts.items()]
+    return _grid(cells, s), [(f"How many {c} squares are there?", str(k)) for c, k in counts.items()]
 
 
 def _locate(rng: random.Random, s: int) -> tuple[Image.Image, QA]:
