@@ -20,11 +20,12 @@ def image_fingerprints(out: str, split: str) -> frozenset[str]:
     train reuses none of them: held-out means held-out, even where a generator could repeat itself)."""
     from .schema import SkipStats
     from .shards import manifest_path, split_urls
-    from .streams import _fingerprint, read_samples
+    from .images import image_fingerprint
+    from .streams import read_samples
 
     if not manifest_path(out, split).is_file():
         raise FileNotFoundError(f"--exclude-images-of {split}: build that split in {out} first (no manifest)")
-    found = frozenset(_fingerprint(ex.image) for ex in read_samples(split_urls(out, split), SkipStats()))
+    found = frozenset(image_fingerprint(ex.image) for ex in read_samples(split_urls(out, split), SkipStats()))
     print(f"synthetic: excluding the {len(found)} distinct images of {split}")
     return found
 

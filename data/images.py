@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import io
 import warnings
 
@@ -77,3 +79,8 @@ def sniff_ext(data: bytes) -> str:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "webp"
     return ""
+
+
+def image_fingerprint(img: Image.Image) -> str:
+    """Pixel identity of an RGB image (what a PNG round trip keeps): swapped-image control, excluded images."""
+    return hashlib.sha1(img.tobytes() + repr(img.size).encode()).hexdigest()

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from .images import DEFAULT_MAX_PIXELS, open_image
+from .images import DEFAULT_MAX_PIXELS, image_fingerprint, open_image
 from .schema import IMAGE_EXTS, BadSample, Conversation, SkipStats, parse_json_bytes, parse_record
 
 
@@ -105,12 +105,6 @@ def read_samples(urls: Iterable[str | dict], stats: SkipStats, max_pixels: int =
                 yield ex
 
 
-def _fingerprint(image: Any) -> str:
-    from .synthetic import image_fingerprint
-
-    return image_fingerprint(image)
-
-
 def swap_images(examples: Iterable[Example]) -> Iterator[Example]:
     """The vision-dependence control: every example with another example's image (question and answer kept).
 
@@ -124,7 +118,7 @@ def swap_images(examples: Iterable[Example]) -> Iterator[Example]:
     prev: Any = None  # the image of the latest run before the current one
     cur: tuple[str, Any] | None = None  # the current run's (fingerprint, image)
     for ex in examples:
-        fp = _fingerprint(ex.image)
+        fp = image_fingerprint(ex.image)
         if cur is not None and fp != cur[0]:
             prev = cur[1]
         cur = (fp, ex.image)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .images import image_fingerprint
 from .scenes import SCENE_TASKS, family, make_scene
 from .schema import IMAGE_PLACEHOLDER
 
@@ -114,11 +115,6 @@ def _chart(rng: random.Random, s: int, num_bars: int) -> tuple[Image.Image, QA]:
         d.rectangle([x0, bottom - v * unit, x0 + slot * 0.6, bottom], fill=(70, 110, 200))
         d.text((x0 + slot * 0.22, bottom + s // 80), "ABCDEFGH"[i], fill=(0, 0, 0), font=font)
     return img, [(f"What is the value of bar {'ABCDEFGH'[t]}?", str(v)) for t, v in enumerate(values)]
-
-
-def image_fingerprint(img: Image.Image) -> str:
-    """Pixel identity of an RGB image (what a PNG round trip keeps)."""
-    return hashlib.sha1(img.tobytes() + repr(img.size).encode()).hexdigest()
 
 
 def _image(task: str, rng: random.Random, cfg: SyntheticConfig) -> tuple[Image.Image, QA]:

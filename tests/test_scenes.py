@@ -7,7 +7,8 @@ import re
 from collections import Counter
 
 from visor_lightning.data.scenes import BACKGROUND, CELL, PALETTE
-from visor_lightning.data.synthetic import SyntheticConfig, image_fingerprint, make_sample
+from visor_lightning.data.images import image_fingerprint
+from visor_lightning.data.synthetic import SyntheticConfig, make_sample
 
 NAMES = {v: k for k, v in PALETTE.items()}
 

@@ -38,14 +38,14 @@ def load_pipeline(path: str | Path) -> dict[str, Any]:
     bad = set(cfg.get("summary") or {}) - SUMMARY_KEYS
     if bad:
         raise ValueError(f"{path}: unknown key(s) summary.{sorted(bad)}; expected {sorted(SUMMARY_KEYS)}")
-    names = [st.get("name") for st in cfg["stages"]]
+    every = [st.get("name") for st in cfg["stages"]]  # all stage names (the loop below checks order)
     sm = cfg.get("summary") or {}
     long = sm.get("dense_long")
     if long is not None:
-        if set(long) != {"stage", "as_long_as"} or long["stage"] not in names or not set(long["as_long_as"]) <= set(names):
+        if set(long) != {"stage", "as_long_as"} or long["stage"] not in every or not set(long["as_long_as"]) <= set(every):
             raise ValueError(f"{path}: summary.dense_long needs stage (a stage name) and as_long_as (stage names whose "
-                             f"optimizer steps it matches); stages are {names}")
-        if names.index(long["stage"]) < max(names.index(n) for n in long["as_long_as"]):
+                             f"optimizer steps it matches); stages are {every}")
+        if every.index(long["stage"]) < max(every.index(n) for n in long["as_long_as"]):
             raise ValueError(f"{path}: stage {long['stage']!r} must come after {long['as_long_as']} (its steps are their sum)")
     bad = set(sm.get("eval") or {}) - {"sets", "baseline_train"}
     if bad:
@@ -124,9 +124,12 @@ def stage_args(stage: dict[str, Any], out: Path, experiment: str, done: dict[str
             args += ["--model.init_args.backbone.pretrained", str(done[name] / "hf")]
         else:
             args += ["--model.init_args.init_from", str(done[name] / "weights")]
-    for k, v in (stage.get("args") or {}).items():
-        args += [f"--{k}", str(v)]
-    return args
+    return args + own_args(stage)
+
+
+def own_args(stage: dict[str, Any]) -> list[str]:
+    """A stage's ``args`` as ``visor fit`` flags: ``{trainer.max_steps: 5}`` -> ``--trainer.max_steps 5``."""
+    return [a for k, v in (stage.get("args") or {}).items() for a in (f"--{k}", str(v))]
 
 
 def pipeline_main(argv: list[str]) -> int:
@@ -240,8 +243,7 @@ def eval_sets_args(cfg: dict[str, Any]) -> list[str]:
 
 
 def stage_extra(cfg: dict[str, Any], name: str) -> list[str]:
-    stage = next(st for st in cfg["stages"] if st["name"] == name)
-    return [a for k, v in (stage.get("args") or {}).items() for a in (f"--{k}", str(v))]
+    return own_args(next(st for st in cfg["stages"] if st["name"] == name))
 
 
 def stage_config(cfg: dict[str, Any], name: str) -> str:
