@@ -6,13 +6,13 @@ import argparse
 
 from .report import log_counts_to_mlflow, manifest_counts, summary_line
 from .shards import build_shards, manifest_path
-from .sources import easy_vqa_items, easy_vqa_part, llava_json_items, synthetic_items
+from .sources import easy_vqa_items, easy_vqa_part, hf_parquet_items, llava_json_items, synthetic_items
 from .synthetic import SyntheticConfig
 
 
 def builder_args(args: argparse.Namespace) -> dict:
     """What decides a build's content (recorded in the manifest; the pipeline reuses a split when they match)."""
-    return {k: v for k, v in vars(args).items() if k not in ("command", "data_command", "no_progress", "version")}
+    return {k: v for k, v in vars(args).items() if k not in ("command", "data_command", "no_progress", "version", "stdout")}
 
 
 def image_fingerprints(out: str, split: str) -> frozenset[str]:
@@ -36,6 +36,10 @@ def run_build(args: argparse.Namespace) -> int:
         if not args.json_file or not args.images:
             raise ValueError("--source llava-json needs --json FILE and --images DIR")
         total, items = llava_json_items(args.json_file, args.images)
+    elif args.source == "hf-parquet":
+        if not args.parquet:
+            raise ValueError('--source hf-parquet needs --parquet "<glob>" (LLaVA-OneVision-Data parquet files)')
+        total, items = hf_parquet_items(args.parquet)
     elif args.source == "easy-vqa":
         total, items = easy_vqa_items(args.split, turns=args.turns, part=args.easy_vqa_split)
         print(f"easy-vqa: reading its {easy_vqa_part(args.split, args.easy_vqa_split)} split for {args.split!r}")

@@ -1,5 +1,5 @@
-"""Where builder samples come from: LLaVA-style JSON + an image folder, the offline easy-vqa package, or the
-synthetic generator. Each source yields small picklable *items*; :func:`materialize` (run in builder workers)
+"""Where builder samples come from: LLaVA-style JSON + an image folder, LLaVA-OneVision-Data parquet files,
+the offline easy-vqa package, or the synthetic generator. Each source yields small picklable *items*; :func:`materialize` (run in builder workers)
 turns one into a validated record and image bytes, or raises :class:`BadSample`.
 """
 
@@ -15,7 +15,8 @@ from .images import image_bytes, open_image, sniff_ext
 from .schema import BadSample, DataError, parse_record
 from .synthetic import SyntheticConfig, make_sample
 
-SOURCES = ("llava-json", "easy-vqa", "synthetic")
+SOURCES = ("llava-json", "easy-vqa", "synthetic", "hf-parquet")
+PARQUET_COLUMNS = ("id", "image", "conversations")  # LLaVA-OneVision-Data; data_source is optional
 
 
 @dataclass
@@ -57,6 +58,53 @@ def llava_json_items(json_path: str | Path, images: str | Path) -> tuple[int | N
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of records (LLaVA format), got {type(data).__name__}")
     return len(data), (Item("llava", (rec, str(root)), f"{path}[{i}]") for i, rec in enumerate(data))
+
+
+def parquet_files(pattern: str) -> list[Path]:
+    """The files a ``--parquet`` glob names (sorted, so a build is reproducible)."""
+    import glob
+
+    files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+    if not files:
+        raise FileNotFoundError(f"--parquet {pattern!r} matches no file")
+    return files
+
+
+def hf_parquet_items(pattern: str) -> tuple[int, Iterator[Item]]:
+    """Rows of LLaVA-OneVision-Data parquet files (columns ``id``, ``image`` = {bytes, path}, ``conversations``
+    = [{from, value}], ``data_source``), read one row group at a time: a multi-GB file never sits in memory.
+
+    The total comes from the files' footers; a file without the columns raises a DataError naming it."""
+    import pyarrow.parquet as pq
+
+    files = parquet_files(pattern)
+    total = 0
+    for f in files:
+        try:
+            meta = pq.ParquetFile(f)
+        except Exception as e:  # pyarrow raises ArrowInvalid / OSError for a damaged footer
+            raise DataError(f"{f}: not a readable parquet file ({type(e).__name__}: {e})") from None
+        missing = [c for c in PARQUET_COLUMNS if c not in meta.schema_arrow.names]
+        if missing:
+            raise DataError(f"{f}: no column(s) {missing}; LLaVA-OneVision-Data parquet has {list(PARQUET_COLUMNS)} "
+                            f"(+ data_source), this file has {meta.schema_arrow.names}")
+        total += meta.metadata.num_rows
+
+    def gen() -> Iterator[Item]:
+        for f in files:
+            pf = pq.ParquetFile(f)
+            columns = [c for c in (*PARQUET_COLUMNS, "data_source") if c in pf.schema_arrow.names]
+            row = 0
+            for g in range(pf.num_row_groups):
+                for rec in pf.read_row_group(g, columns=columns).to_pylist():
+                    image = rec.pop("image", None)
+                    data = image.get("bytes") if isinstance(image, dict) else None
+                    source = rec.pop("data_source", None)
+                    rec["source"] = source or "llava-onevision-data"
+                    yield Item("parquet", (rec, data), f"{f}[row {row}]")
+                    row += 1
+
+    return total, gen()
 
 
 def easy_vqa_part(split: str, part: str | None = None) -> str:
@@ -112,6 +160,21 @@ def synthetic_items(split: str, seed: int, count: int, cfg: SyntheticConfig) -> 
     return count, (Item("synthetic", (cfg, seed, split, i), f"synthetic {split}[{i}]") for i in range(count))
 
 
+def _from_bytes(conv_json: dict, data: bytes, max_pixels: int) -> Materialized:
+    img, conversion = open_image(data, max_pixels)
+    ext = sniff_ext(data)
+    if conversion is not None or not ext:
+        data, ext = image_bytes(img, "png"), "png"
+    return Materialized(conv_json, data, ext, conversion)
+
+
+def _from_parquet_row(rec: dict, data: bytes | None, max_pixels: int) -> Materialized:
+    conv = parse_record(rec)
+    if not data:
+        raise BadSample("no_image", "row has no image bytes (text-only samples are not streamed)")
+    return _from_bytes(conv.to_json(), data, max_pixels)
+
+
 def _from_file(rec: Any, root: str | None, max_pixels: int) -> Materialized:
     if not isinstance(rec, dict):
         raise BadSample("malformed_json", f"expected a JSON object, got {type(rec).__name__}")
@@ -130,11 +193,7 @@ def _from_file(rec: Any, root: str | None, max_pixels: int) -> Materialized:
         data = path.read_bytes()
     except OSError as e:
         raise BadSample("missing_image", f"{path}: {e.strerror or e}") from None
-    img, conversion = open_image(data, max_pixels)
-    ext = sniff_ext(data)
-    if conversion is not None or not ext:
-        data, ext = image_bytes(img, "png"), "png"
-    return Materialized(conv.to_json(), data, ext, conversion)
+    return _from_bytes(conv.to_json(), data, max_pixels)
 
 
 def materialize(item: Item, max_pixels: int) -> Materialized:
@@ -143,6 +202,9 @@ def materialize(item: Item, max_pixels: int) -> Materialized:
         cfg, seed, split, i = item.payload
         rec, img = make_sample(cfg, seed, split, i)
         return Materialized(parse_record(rec).to_json(), image_bytes(img, "png"), "png", None)
+    if item.kind == "parquet":
+        rec, data = item.payload
+        return _from_parquet_row(rec, data, max_pixels)
     if item.kind == "file":
         return _from_file(item.payload, None, max_pixels)
     if item.kind == "llava":

@@ -124,7 +124,7 @@ TINY_STEPS = ("--trainer.max_steps 2 --data.batches_per_epoch 2 --global_batch_s
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """The demo's splits (same names as runs/demo/data) at test size, built by the pipeline's own builder."""
-    from visor_lightning.pipeline import build_data
+    from visor_lightning.commands.pipeline import build_data
 
     out = tmp_path_factory.mktemp("demo_data")
     build_data({
@@ -152,7 +152,7 @@ def demo_data(tmp_path_factory) -> Path:
 def tiny_pipeline(demo_data, tmp_path_factory) -> dict:
     """experiments/debug/pipeline.yaml end to end at a few steps per stage, into a fresh MLflow store."""
     out = tmp_path_factory.mktemp("pipeline")
-    from visor_lightning.pipeline import load_pipeline, run_pipeline
+    from visor_lightning.commands.pipeline import load_pipeline, run_pipeline
 
     env = {"VISOR_DATA": str(demo_data), "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}"}
     old = {k: os.environ.get(k) for k in env}

@@ -40,7 +40,7 @@ def test_every_config_is_headed_by_its_command_and_parses(path, capsys):
     assert first.startswith({"pipeline": "# visor pipeline --config", "stage": "# visor fit --config",
                              "fragment": "# visor fit --config", "model": "# visor flops --config"}[kind])
     if kind == "pipeline":  # stage configs are parsed (and fast_dev_run) in test_train.py
-        from visor_lightning.pipeline import load_pipeline
+        from visor_lightning.commands.pipeline import load_pipeline
 
         assert load_pipeline(path)["stages"]
         return

@@ -13,7 +13,7 @@ from visor_lightning.controls import question_only_baseline, read_qa
 from visor_lightning.data.schema import SkipStats
 from visor_lightning.data.images import image_fingerprint as _fingerprint
 from visor_lightning.data.streams import read_samples, swap_images
-from visor_lightning.evaluate import run_eval
+from visor_lightning.commands.evaluate import run_eval
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "experiments/debug/stage4_policy.yaml"

@@ -222,8 +222,7 @@ def test_bench_data_reports_loader_and_training_rates(shards, capsys):
 
     assert main(["bench", "data", "--shards", *shards.easy_urls, "--tokenizer", shards.tokenizer_dir, "--batches", "4",
                  "--batch-size", "2", "--workers", "0,1", "--json"]) == 0
-    out = capsys.readouterr().out
-    res = json.loads(out[out.index("{"):])
+    res = json.loads(capsys.readouterr().out)  # --json: stdout is the document alone
     assert [r["workers"] for r in res["loader"]] == [0, 1]
     for r in res["loader"]:
         assert r["samples_per_s"] > 0 and r["train_fed_samples_per_s"] > 0

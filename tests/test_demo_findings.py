@@ -1,7 +1,7 @@
 """The embedded demo, run as `make demo` runs it, into a fresh directory and MLflow store: its models must see, and
 the findings printed as holding must hold (issue "science"). A change that blinds the models fails here.
 
-The findings' thresholds are ``visor_lightning.summary.THRESHOLDS``, the numbers the printed table uses, so this
+The findings' thresholds are ``visor_lightning.commands.summary.THRESHOLDS``, the numbers the printed table uses, so this
 test is never weaker than the table: ``GUARDED`` lists every finding the committed demo prints as holding. Those
 that do not hold (see docs/quickstart.md) are still computed and printed, and checked here to be reported.
 """
@@ -23,7 +23,7 @@ SEES = 0.10  # every trained row, each family: real - swapped accuracy (1,000 sa
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> dict:
-    from visor_lightning.pipeline import load_pipeline, run_pipeline
+    from visor_lightning.commands.pipeline import load_pipeline, run_pipeline
 
     out = tmp_path_factory.mktemp("demo")
     env = {"VISOR_DATA": str(out / "data"), "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}"}

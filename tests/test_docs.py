@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from visor_lightning.config_reference import PAGE, generate
+from visor_lightning.commands.config_reference import PAGE, generate
 
 
 def test_config_reference_is_current_and_complete():

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from visor_lightning.data.datamodule import VisorDataModule
-from visor_lightning.evaluate import run_eval
+from visor_lightning.commands.evaluate import run_eval
 from visor_lightning.flops import FlopsModel
 from visor_lightning.lit.metrics import normalize_answer
 from visor_lightning.lit.weights import load_weights

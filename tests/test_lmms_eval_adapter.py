@@ -16,7 +16,7 @@ from PIL import Image
 
 from visor_lightning.data.datamodule import VisorDataModule
 from visor_lightning.lit.weights import load_weights
-from visor_lightning.lmms_eval_adapter import VisorLMM, register
+from visor_lightning.commands.lmms_eval_adapter import VisorLMM, register
 
 
 @dataclass

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from visor_lightning.sizing import QWEN2, assumptions_markdown, markdown, sizing_rows
+from visor_lightning.commands.sizing import QWEN2, assumptions_markdown, markdown, sizing_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 

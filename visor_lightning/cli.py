@@ -6,22 +6,9 @@ import argparse
 import json
 import sys
 
-
-def _grid(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(x) for x in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--grid must look like 2x2, got {text!r}") from None
-    if h < 1 or w < 1:
-        raise argparse.ArgumentTypeError(f"--grid sides must be >= 1, got {text!r}")
-    return h, w
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+from .commands.args import add_data_build_args, add_workload_args, positive
+from .commands.json_out import emit
+from .quiet import quiet_third_party
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     f.add_argument("--config", required=True, help="experiment YAML with a model: section (backbone, schedule)")
     f.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
-    _add_workload_args(f)
+    add_workload_args(f)
 
     for name, text in (("fit", "train one stage: visor fit --config experiments/...yaml (LightningCLI; --help there)"),
                        ("validate", "evaluate a stage's model on its validation sets (LightningCLI)"),
@@ -58,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("ui", help="serve the MLflow store (runs/mlflow.db or MLFLOW_TRACKING_URI) on 127.0.0.1 only",
                        description="Runs `mlflow server` on the loopback interface; reach it from elsewhere with an "
                                    "SSH tunnel (ssh -L 5000:127.0.0.1:5000 host), never by opening the port.")
-    u.add_argument("--port", type=_positive, default=5000)
+    u.add_argument("--port", type=positive, default=5000)
     u.add_argument("--store", default=None, help="backend store URI (default: the one visor logs to)")
     y = sub.add_parser("mlflow-sync", help="send a run's mlflow_unsent.jsonl (kept while the server was down) into its run")
     y.add_argument("run_dir", help="the stage's run directory (holds mlflow_run_id and mlflow_unsent.jsonl)")
@@ -68,21 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--out", default="runs/model_demo", help="working directory (default runs/model_demo)")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--images", type=_positive, default=8, help="easy-vqa images in the batch (default 8)")
-    d.add_argument("--repeats", type=_positive, default=7, help="timed repeats per configuration (median kept)")
+    d.add_argument("--images", type=positive, default=8, help="easy-vqa images in the batch (default 8)")
+    d.add_argument("--repeats", type=positive, default=7, help="timed repeats per configuration (median kept)")
     d.add_argument("--json", default=None, help="also write the results as JSON to this file")
     return parser
-
-
-def _add_workload_args(p: argparse.ArgumentParser) -> None:
-    """Token counts and VISOR-TR pooling, shared by `visor flops` and `visor bench prefill|decode`."""
-    p.add_argument("--text-tokens", type=_positive, default=64, help="prompt text tokens (default 64)")
-    p.add_argument("--visual-tokens", type=_positive, default=None, help="override the visual token count")
-    p.add_argument("--grid", type=_grid, default=(2, 2), help="AnyRes tile grid of a square image (default 2x2)")
-    p.add_argument("--decode-tokens", type=_positive, default=16, help="generated tokens to average decode over")
-    p.add_argument("--kv-bytes", type=_positive, default=2, help="bytes per KV element (2 = bf16)")
-    p.add_argument("--token-pool", type=_positive, default=None,
-                   help="VISOR-TR: visual-token pooling factor (1, 2, 4, 9, 16; default: the config's backbone.token_pool)")
 
 
 def _add_data_parsers(sub) -> None:
@@ -92,30 +68,11 @@ def _add_data_parsers(sub) -> None:
         "build", help="write {split}-%%06d.tar shards + {split}-manifest.json from a source",
         description="Bad samples are skipped and counted per reason (listed in the manifest); --strict raises instead.",
     )
-    b.add_argument("--source", required=True, choices=["llava-json", "easy-vqa", "synthetic"])
-    b.add_argument("--out", required=True, help="output directory (shards and manifest)")
-    b.add_argument("--split", default="train", help="split name: shard files are {split}-000000.tar, ... (default train)")
-    b.add_argument("--json", dest="json_file", help="llava-json: the records (.json list or .jsonl)")
-    b.add_argument("--images", help="llava-json: directory the records' 'image' paths are relative to")
-    b.add_argument("--max-samples", type=_positive, default=None, help="stop after writing this many (synthetic: how many to make, default 1000)")
-    b.add_argument("--shard-size", type=_positive, default=1000, help="samples per shard (default 1000)")
-    b.add_argument("--workers", type=int, default=0, help="builder processes (default 0: in this process)")
-    b.add_argument("--seed", type=int, default=0, help="synthetic: generator seed")
-    b.add_argument("--image-size", type=_positive, default=512, help="synthetic: canvas side in pixels (default 512)")
-    b.add_argument("--tasks", default="read,count,chart", help="synthetic: comma-separated tasks (default read,count,chart)")
-    b.add_argument("--easy-vqa-split", choices=["train", "test"], default=None,
-                   help="easy-vqa: which of its splits to read (default: train if the split name contains 'train')")
-    b.add_argument("--exclude-images-of", default=None, metavar="SPLIT",
-                   help="synthetic: never reuse an image of this split (already built in --out), e.g. train for a test split")
-    b.add_argument("--turns", type=_positive, default=1, help="easy-vqa/synthetic: questions per image in one multi-turn sample")
-    b.add_argument("--max-pixels", type=_positive, default=64_000_000, help="skip images with more pixels (default 64M)")
-    b.add_argument("--strict", action="store_true", help="raise on the first bad sample instead of skipping it")
-    b.add_argument("--overwrite", action="store_true", help="replace an existing split in --out")
-    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_data_build_args(b)
     t = dsub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on shards (for from-scratch tiny models)")
     t.add_argument("--shards", nargs="+", required=True, help="shard globs/patterns/manifests to read text from")
     t.add_argument("--out", required=True, help="directory for the tokenizer files")
-    t.add_argument("--vocab-size", type=_positive, default=512)
+    t.add_argument("--vocab-size", type=positive, default=512)
     v = dsub.add_parser("verify", help="re-read a split: sha256 per shard and read == written")
     v.add_argument("--dir", required=True, help="directory holding the shards and {split}-manifest.json")
     v.add_argument("--split", default="train")
@@ -129,8 +86,8 @@ def _add_bench_parsers(sub) -> None:
     b.add_argument("--shards", nargs="+", required=True, help="shard globs/patterns/manifests")
     b.add_argument("--tokenizer", required=True, help="tokenizer directory (visor data tokenizer)")
     b.add_argument("--config", default="experiments/debug/tiny.yaml", help="experiment YAML whose model is trained")
-    b.add_argument("--batch-size", type=_positive, default=8)
-    b.add_argument("--batches", type=_positive, default=24, help="batches timed per measurement")
+    b.add_argument("--batch-size", type=positive, default=8)
+    b.add_argument("--batches", type=positive, default=24, help="batches timed per measurement")
     b.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts")
     b.add_argument("--json", action="store_true", help="print JSON instead of a table")
     for kind, text in (("prefill", "LLM prefill time of dense vs every configuration: measured speed-up / analytic FLOPs ratio"),
@@ -138,11 +95,11 @@ def _add_bench_parsers(sub) -> None:
         k = bsub.add_parser(kind, help=text, description=text + ". Random weights; CUDA when present.")
         k.add_argument("--config", default="experiments/llava_ov_0.5b/model.yaml",
                        help="experiment YAML with a model: section (default: the LLaVA-OV 0.5B shapes)")
-        _add_workload_args(k)
-        k.add_argument("--batch", type=_positive, default=1, help="sequences per call (default 1)")
-        k.add_argument("--repeats", type=_positive, default=5, help="timed rounds; the median is kept (default 5)")
+        add_workload_args(k)
+        k.add_argument("--batch", type=positive, default=1, help="sequences per call (default 1)")
+        k.add_argument("--repeats", type=positive, default=5, help="timed rounds; the median is kept (default 5)")
         k.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
-        k.add_argument("--fastv", type=_positive, default=None, metavar="K",
+        k.add_argument("--fastv", type=positive, default=None, metavar="K",
                        help="also time FastV (prune after layer K) at each configuration's FLOPs")
         k.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
         k.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -168,7 +125,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     res = verify_split(args.dir, args.split)
     if args.json:
-        print(json.dumps(res, indent=2))
+        emit(res, args.stdout)
     else:
         print("| shard | expected | read | sha256 |\n|---|---|---|---|")
         for r in res["shards"]:
@@ -182,7 +139,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.bench_command in ("prefill", "decode"):
         from pathlib import Path
 
-        from .bench_model import bench_spec_note, markdown, run_bench
+        from .commands.bench_model import bench_spec_note, markdown, run_bench
 
         section, work = _section_and_workload(args)
         res = run_bench(args.bench_command, section, work, batch=args.batch, repeats=args.repeats, warmup=args.warmup,
@@ -191,14 +148,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(res, indent=2))
-        print(json.dumps(res, indent=2) if args.json else bench_spec_note(res) + "\n\n" + markdown(res))
+        if args.json:
+            emit(res, args.stdout)
+        else:
+            print(bench_spec_note(res) + "\n\n" + markdown(res))
         return 0
-    from .bench_data import run_bench_data
+    from .commands.bench_data import run_bench_data
 
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
     res = run_bench_data(args.shards, args.tokenizer, args.config, args.batch_size, args.batches, workers)
     if args.json:
-        print(json.dumps(res, indent=2))
+        emit(res, args.stdout)
     return 0
 
 
@@ -226,8 +186,8 @@ def cmd_flops(args: argparse.Namespace) -> int:
     section, work = _section_and_workload(args)
     rows = FlopsModel(section.backbone, section.schedule, section.policy_width).table(work)
     if args.json:
-        print(json.dumps({"config": args.config, "schedule": section.schedule.describe(),
-                          "workload": workload_dict(work, section.backbone), "rows": rows}, indent=2))
+        emit({"config": args.config, "schedule": section.schedule.describe(),
+              "workload": workload_dict(work, section.backbone), "rows": rows}, args.stdout)
     else:
         nv = work.resolve_visual(section.backbone)
         print(f"schedule {section.schedule.describe()}  (S always-on SA, s optional SA, C cross-attention, . text-only)")
@@ -240,11 +200,11 @@ def cmd_flops(args: argparse.Namespace) -> int:
 def cmd_sizing(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from .sizing import assumptions, assumptions_markdown, markdown, sizing_rows
+    from .commands.sizing import assumptions, assumptions_markdown, markdown, sizing_rows
 
     rows = sizing_rows()
     if args.json:
-        print(json.dumps({"assumptions": assumptions(), "rows": [asdict(r) for r in rows]}, indent=2))
+        emit({"assumptions": assumptions(), "rows": [asdict(r) for r in rows]}, args.stdout)
     else:
         print(markdown(rows) + "\n\nAssumptions:\n" + assumptions_markdown())
     return 0
@@ -280,7 +240,7 @@ def cmd_mlflow_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .commands.demo import run_demo
 
     run_demo(out=args.out, seed=args.seed, images=args.images, repeats=args.repeats, json_path=args.json)
     return 0
@@ -289,36 +249,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
 
-def split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
-    """``visor eval|submit ... -- --trainer.max_steps 9``: (own arguments, arguments for the stage config)."""
-    if "--" not in argv:
-        return argv, []
-    i = argv.index("--")
-    return argv[:i], argv[i + 1:]
-
-
 def main(argv: list[str] | None = None) -> int:
     from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_third_party()
     if argv and argv[0] in LIGHTNING_COMMANDS:  # LightningCLI owns these (its own --help and --print_config)
         from .lit.cli import run_cli
 
         run_cli(None if from_shell else argv)
         return 0
     if argv and argv[0] == "pipeline":
-        from .pipeline import pipeline_main
+        from .commands.pipeline import pipeline_main
 
         return pipeline_main(argv[1:])
     if argv and argv[0] == "eval":
-        from .evaluate import eval_main
+        from .commands.evaluate import eval_main
 
         return eval_main(argv[1:])
     if argv and argv[0] == "config-reference":
-        from .config_reference import main as reference_main
+        from .commands.config_reference import main as reference_main
 
         return reference_main(argv[1:])
     if argv and argv[0] == "submit":
-        from .slurm import submit_main
+        from .commands.slurm import submit_main
 
         return submit_main(argv[1:])
     parser = build_parser()
@@ -333,11 +286,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command not in handlers:
         parser.print_help()
         return 2
-    try:
-        return handlers[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"visor {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    from .commands.json_out import stdout_for_json
+
+    with stdout_for_json(getattr(args, "json", None) is True) as out:  # `visor demo --json FILE` names a file
+        args.stdout = out
+        try:
+            return handlers[args.command](args)
+        except (ValueError, FileNotFoundError, FileExistsError) as e:
+            print(f"visor {args.command}: error: {e}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

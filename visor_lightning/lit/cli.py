@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,12 @@ def config_error_place(message: str, argv: list[str]) -> str:
 
 class VisorCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        from visor_lightning.quiet import quiet_third_party
+
+        quiet_third_party()
+        if args is not None:  # visor's own callers (pipeline, eval) pass argument lists on purpose
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        self.with_subcommands = run  # run=False (visor eval, bench data): one parser, no fit/validate keys
         super().__init__(
             model_class=VisorLitModule,
             subclass_mode_model=True,
@@ -137,6 +144,10 @@ class VisorCLI(LightningCLI):
                             help="derive trainer.accumulate_grad_batches from data.batch_size x devices x nodes")
         parser.add_argument("--checkpoint_every_n_steps", type=int, default=50, help="write last.ckpt this often")
         parser.add_argument("--mlflow", type=bool, default=True, help="log this run to MLflow")
+        if not self.with_subcommands:  # a run's own config.yaml (written by `visor fit`) carries fit's keys
+            parser.add_argument("--ckpt_path", type=str | None, default=None,
+                                help="`visor fit`'s resume key, accepted so a run's config.yaml loads; not used here")
+            parser.add_argument("--weights_only", type=bool | None, default=None, help="`visor fit`'s key, not used here")
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -158,6 +169,7 @@ class VisorCLI(LightningCLI):
         from visor_lightning.callbacks.data_stats import DataStats
         from visor_lightning.callbacks.preemption import SlurmPreemption, in_slurm_batch_job
         from visor_lightning.callbacks.mlflow_artifacts import MlflowArtifacts
+        from visor_lightning.callbacks.progress_lines import ProgressLines
 
         from .safety import AtomicCheckpointIO
 
@@ -180,12 +192,16 @@ class VisorCLI(LightningCLI):
         callbacks += [
             ModelCheckpoint(dirpath=root / "checkpoints", filename="{step}", save_last=True, save_top_k=1,
                             every_n_train_steps=cfg.checkpoint_every_n_steps),
-            RichProgressBar(leave=True),
             DataStats(),
             MlflowArtifacts(root, config_yaml, self.config_dump_for_params(cfg)),
         ]
         if logger is not None:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
+        if not sys.stdout.isatty():  # a Slurm log, CI, `| tee`: plain lines, no bar
+            callbacks.append(ProgressLines(cfg.run_name or stage))
+            kwargs["enable_progress_bar"] = False
+        elif cfg.trainer.get("enable_progress_bar") is not False:
+            callbacks.append(RichProgressBar(leave=True))
         # every .ckpt write is atomic (DeepSpeed strategies write their own checkpoint directories and ignore it)
         kwargs["plugins"] = [*(kwargs.get("plugins") or []), AtomicCheckpointIO()]
         if in_slurm_batch_job():
@@ -216,11 +232,7 @@ class VisorCLI(LightningCLI):
 
 def run_cli(args: list[str] | None) -> VisorCLI:
     """``args=None`` reads ``sys.argv[1:]`` (the shell); the pipeline passes its own."""
-    import warnings
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args is not None:  # the pipeline runs stages in-process on purpose
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     try:
         return VisorCLI(args=args)
     except (TrackingUnavailable, NonFiniteLossError) as e:

@@ -21,6 +21,7 @@ from torchmetrics import MeanMetric
 from visor_lightning.flops import FlopsModel, token_counts
 from visor_lightning.models import BackboneSpec, LayerSchedule, ScheduleConfig, VisorModel
 from visor_lightning.models.fastv import FastVConfig
+from visor_lightning.models.schedule import DENSE
 
 from .metrics import ChoiceCounts, ExactMatch, metric_key, normalize_answer
 
@@ -270,10 +271,18 @@ class VisorLitModule(pl.LightningModule):
         if spec == "all":
             return list(names)
         fastv = [n for n in spec if FastVConfig.parse(n) is not None]
-        bad = [n for n in spec if n != POLICY and n not in names and n not in fastv]
+        bad = []
+        for n in spec:
+            if n != POLICY and n not in fastv:
+                try:
+                    self.schedule.index(n)
+                except ValueError:
+                    bad.append(n)
         if bad:
-            raise ValueError(f"model.eval_configs: {bad} are not feasible; feasible: {names} "
+            dense_note = " ('dense' names a dense model's configuration)" if DENSE in bad else ""
+            raise ValueError(f"model.eval_configs: {bad} are not feasible; feasible: {names}{dense_note} "
                              "(or the FastV peer on a dense model: fastv(k=K,r=R))")
+        spec = [n if n == POLICY or n in fastv else self.schedule.canonical(n) for n in spec]
         if fastv and self.schedule.ca_layers:
             raise ValueError(f"model.eval_configs: {fastv} prune the dense host model; this model has CA layers "
                              "(evaluate FastV on the dense base stage's weights)")

@@ -45,6 +45,9 @@ def _spread(items: Sequence[int], k: int) -> list[int]:
     return [items[min(n - 1, int((i + 0.5) * n / k))] for i in range(k)]
 
 
+DENSE = "dense"  # the name of a dense model's only configuration (every layer self-attends over visual tokens)
+
+
 def config_name(active: Sequence[int]) -> str:
     """Stable, human-readable name of a configuration: the active SA layer indices."""
     return "sa[" + ",".join(str(i) for i in sorted(active)) + "]"
@@ -153,8 +156,15 @@ class LayerSchedule:
         return opt[0] if opt and len(self.feasible) > 1 else None
 
     @property
+    def is_dense(self) -> bool:
+        """No CA layers and every layer SA: the host model (LLaVA-OV) itself."""
+        return not self.ca_layers and len(self.sa_layers) == self.num_layers
+
+    @property
     def names(self) -> list[str]:
-        return [config_name(c) for c in self.feasible]
+        """Configuration names: ``sa[...]`` (the active SA layers); ``dense`` for a dense model's all-SA one."""
+        full = tuple(range(self.num_layers))
+        return [DENSE if self.is_dense and c == full else config_name(c) for c in self.feasible]
 
     @property
     def full_config(self) -> int:
@@ -164,10 +174,20 @@ class LayerSchedule:
     def index(self, name_or_layers: str | Sequence[int]) -> int:
         """Feasible-configuration index from its name or its active SA layers."""
         key = name_or_layers if isinstance(name_or_layers, str) else config_name(name_or_layers)
-        try:
+        if key in self.names:
             return self.names.index(key)
-        except ValueError:
-            raise ValueError(f"configuration {key!r} is not feasible; feasible: {self.names}") from None
+        aliases = [config_name(c) for c in self.feasible]  # a dense model's ``dense`` is also its sa[0,...,L-1]
+        if key in aliases:
+            return aliases.index(key)
+        if key == DENSE:
+            raise ValueError(f"configuration 'dense' names a dense model's only configuration; this model has CA "
+                             f"layers {list(self.ca_layers)} (evaluate the dense base's weights for the dense row); "
+                             f"feasible: {self.names}")
+        raise ValueError(f"configuration {key!r} is not feasible; feasible: {self.names}")
+
+    def canonical(self, name: str) -> str:
+        """The name :attr:`names` reports for ``name`` (``sa[0,...,L-1]`` on a dense model -> ``dense``)."""
+        return self.names[self.index(name)]
 
     def role(self, layer: int) -> str:
         if layer in self.ca_layers:

@@ -5,7 +5,7 @@ lmms-eval is an optional extra (``pip install lmms-eval``): nothing here imports
 ``VisorLMM`` does the work on lmms-eval's request layout (``Instance.args``), so it is tested offline without
 lmms-eval; ``register()`` subclasses ``lmms_eval.api.model.lmms`` around it under the name ``visor``::
 
-    python -c "import visor_lightning.lmms_eval_adapter as a; a.register(); import lmms_eval.__main__ as m; m.cli_evaluate()" \\
+    python -c "import visor_lightning.commands.lmms_eval_adapter as a; a.register(); import lmms_eval.__main__ as m; m.cli_evaluate()" \\
         --model visor --model_args weights=runs/x/policy/weights,processor=/models/llava-onevision-qwen2-0.5b-ov-hf,target=policy \\
         --tasks docvqa_val,chartqa,pope --batch_size 8
 
@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .models.fastv import FastVConfig
+from visor_lightning.models.fastv import FastVConfig
 
 POLICY = "policy"
 

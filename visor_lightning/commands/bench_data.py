@@ -15,7 +15,7 @@ import torch
 
 
 def _loader(shards: list[str], tokenizer: str, spec, batch_size: int, batches: int, workers: int):
-    from .data.datamodule import VisorDataModule
+    from visor_lightning.data.datamodule import VisorDataModule
 
     dm = VisorDataModule(train=shards, tokenizer=tokenizer, backbone=spec, batch_size=batch_size,
                          num_workers=workers, batches_per_epoch=batches + max(1, workers), shuffle_buffer=64)
@@ -25,10 +25,10 @@ def _loader(shards: list[str], tokenizer: str, spec, batch_size: int, batches: i
 
 def run_bench_data(shards: list[str], tokenizer: str, config: str, batch_size: int, batches: int,
                    workers: list[int]) -> dict[str, Any]:
-    from .config import load_model_section
-    from .data.datamodule import resolve_shards
-    from .data.tokenizer import backbone_for_tokenizer, load_tokenizer
-    from .models import VisorModel
+    from visor_lightning.config import load_model_section
+    from visor_lightning.data.datamodule import resolve_shards
+    from visor_lightning.data.tokenizer import backbone_for_tokenizer, load_tokenizer
+    from visor_lightning.models import VisorModel
 
     torch.manual_seed(0)
     urls = resolve_shards(shards, field="--shards")

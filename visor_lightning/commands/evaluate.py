@@ -83,7 +83,7 @@ def run_eval(config: list[str], ckpt: str, *, targets: str = "all", out: str | N
             raise ValueError(f"--baseline-train names {sorted(unknown)}, not evaluation sets {list(dm.val_spec)}")
     dm.swap_images = swap
     module.score_loss = False  # eval.json reports answers, not the teacher-forced loss: one forward pass less
-    trainer.validate(module, datamodule=dm)
+    trainer.validate(module, datamodule=dm, verbose=False)  # eval.md is the table
 
     records = module.sample_records
     for r in records:
@@ -205,19 +205,22 @@ def parse_baseline_train(values: list[str]) -> dict[str, str] | str | None:
 
 
 def eval_main(argv: list[str]) -> int:
-    from visor_lightning.cli import split_passthrough
+    from visor_lightning.commands.args import split_passthrough
 
     argv, extra = split_passthrough(argv)
     a = build_parser().parse_args(argv)
-    try:
-        doc = run_eval(a.config, a.ckpt, targets=a.configs, out=a.out, run_id=a.run_id, extra=extra, swap=not a.no_swap,
-                       baseline_train=parse_baseline_train(a.baseline_train))
-    except (FileNotFoundError, ValueError) as e:
-        print(f"visor eval: error: {e}", file=sys.stderr)
-        return 2
-    if a.json:
-        print(json.dumps({k: v for k, v in doc.items() if k != "table"}, indent=2))
-    else:
-        print(doc["table"])
-        print(f"\nper-sample records: {doc['out']}/eval.json; MLflow run {doc['mlflow_run_id']}")
+    from visor_lightning.commands.json_out import emit, stdout_for_json
+
+    with stdout_for_json(a.json) as out:
+        try:
+            doc = run_eval(a.config, a.ckpt, targets=a.configs, out=a.out, run_id=a.run_id, extra=extra,
+                           swap=not a.no_swap, baseline_train=parse_baseline_train(a.baseline_train))
+        except (FileNotFoundError, ValueError) as e:
+            print(f"visor eval: error: {e}", file=sys.stderr)
+            return 2
+        if a.json:
+            emit({k: v for k, v in doc.items() if k != "table"}, out)
+            return 0
+    print(doc["table"])
+    print(f"\nper-sample records: {doc['out']}/eval.json; MLflow run {doc['mlflow_run_id']}")
     return 0

@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def submit_main(argv: list[str]) -> int:
-    from visor_lightning.cli import split_passthrough
+    from visor_lightning.commands.args import split_passthrough
 
     argv, fit_args = split_passthrough(argv)
     a = build_parser().parse_args(argv)

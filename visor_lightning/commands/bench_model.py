@@ -16,9 +16,9 @@ from typing import Any, Callable
 
 import torch
 
-from .flops import FlopsModel, Workload
-from .models.fastv import FastVConfig, fastv_prefill
-from .models.schedule import LayerSchedule, config_name
+from visor_lightning.flops import FlopsModel, Workload
+from visor_lightning.models.fastv import FastVConfig, fastv_prefill
+from visor_lightning.models.schedule import LayerSchedule, config_name
 
 PROMPT_BEFORE = 14  # text tokens in front of the image (system prompt + user turn start), the rest follow it
 
@@ -28,7 +28,7 @@ def build_lms(section, device: torch.device, dtype: torch.dtype):
     both share the same decoder layers, so every row runs the same weights."""
     from transformers import Qwen2Model
 
-    from .models.visor_lm import VisorLanguageModel
+    from visor_lightning.models.visor_lm import VisorLanguageModel
 
     cfg = section.backbone.to_hf_config().text_config
     cfg._attn_implementation = "sdpa"
@@ -68,7 +68,7 @@ def run_bench(kind: str, section, work: Workload, *, batch: int = 1, repeats: in
               fastv_layer: int | None = None, device: str | None = None, dtype: str | None = None,
               progress: bool = True) -> dict[str, Any]:
     """Time ``kind`` ('prefill' or 'decode') for dense, every feasible configuration and optional FastV rows."""
-    from .models.cache import VisorCache
+    from visor_lightning.models.cache import VisorCache
 
     if kind not in ("prefill", "decode"):
         raise ValueError(f"bench kind must be prefill or decode, got {kind!r}")

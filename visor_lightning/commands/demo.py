@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .models.visor import left_pad
+from visor_lightning.models.visor import left_pad
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -52,9 +52,9 @@ def run_demo(out: str = "runs/model_demo", seed: int = 0, images: int = 8, repea
         LlavaOnevisionImageProcessorPil,
     )
 
-    from .flops import FlopsModel, Workload, format_table
-    from .models import BackboneSpec, LayerSchedule, ScheduleConfig, VisorModel, tiny_backbone
-    from .models.cache import VisorCache
+    from visor_lightning.flops import FlopsModel, Workload, format_table
+    from visor_lightning.models import BackboneSpec, LayerSchedule, ScheduleConfig, VisorModel, tiny_backbone
+    from visor_lightning.models.cache import VisorCache
 
     torch.manual_seed(seed)
     torch.set_num_threads(min(torch.get_num_threads(), 2))

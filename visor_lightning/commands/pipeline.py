@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .lit.tracking import PARENT_ENV, code_version, run_name, tracking_uri
+from visor_lightning.lit.tracking import PARENT_ENV, code_version, run_name, tracking_uri
 
 STAGE_KEYS = {"name", "config", "from", "args"}
 SUMMARY_KEYS = {"dense", "dense_long", "visor", "fastv", "eval"}
@@ -66,10 +66,10 @@ def load_pipeline(path: str | Path) -> dict[str, Any]:
 
 def build_data(spec: dict[str, Any], restart: bool) -> dict[str, Any]:
     """Every ``data.builds`` entry (skipped when its manifest has the same arguments) and the tokenizer."""
-    from .data.build import builder_args, run_build
-    from .data.report import log_counts_to_mlflow, manifest_counts
-    from .data.shards import manifest_path, read_manifest, split_urls
-    from .data.tokenizer import conversation_texts, train_tokenizer
+    from visor_lightning.data.build import builder_args, run_build
+    from visor_lightning.data.report import log_counts_to_mlflow, manifest_counts
+    from visor_lightning.data.shards import manifest_path, read_manifest, split_urls
+    from visor_lightning.data.tokenizer import conversation_texts, train_tokenizer
 
     out = Path(spec["dir"])
     manifests = {}
@@ -98,9 +98,11 @@ def build_data(spec: dict[str, Any], restart: bool) -> dict[str, Any]:
 def build_args(entry: dict[str, Any], out: Path, where: str) -> argparse.Namespace:
     """A ``data.builds`` entry as the arguments ``visor data build`` would parse (same defaults, same checks):
     ``{source: synthetic, image_size: 128}`` -> ``--source synthetic --image-size 128``."""
-    from .cli import build_parser
+    from visor_lightning.commands.args import add_data_build_args
 
-    argv = ["data", "build", "--out", str(out), "--overwrite"]
+    parser = argparse.ArgumentParser(prog="visor data build", exit_on_error=True)
+    add_data_build_args(parser)
+    argv = ["--out", str(out), "--overwrite"]
     for key, value in entry.items():
         flag = "--" + key.replace("_", "-")
         if value is True:
@@ -108,7 +110,7 @@ def build_args(entry: dict[str, Any], out: Path, where: str) -> argparse.Namespa
         elif value is not False and value is not None:
             argv += [flag, str(value)]
     try:
-        return build_parser().parse_args(argv)
+        return parser.parse_args(argv)
     except SystemExit:  # argparse has printed what is wrong
         raise ValueError(f"{where}: {entry} is not a valid `visor data build` (see the message above)") from None
 
@@ -125,6 +127,17 @@ def stage_args(stage: dict[str, Any], out: Path, experiment: str, done: dict[str
         else:
             args += ["--model.init_args.init_from", str(done[name] / "weights")]
     return args + own_args(stage)
+
+
+def stage_line(name: str, seconds: float, metrics: dict[str, Any]) -> str:
+    """One line per finished stage: name, time, final training loss and the validation accuracies."""
+    parts = [f"== stage {name}: done in {seconds:.0f} s"]
+    if "train/loss" in metrics:
+        parts.append(f"train loss {float(metrics['train/loss']):.3f}")
+    accs = {k.removeprefix("val/"): float(v) for k, v in metrics.items() if k.startswith("val/") and "/acc/" in k}
+    if accs:
+        parts.append("val acc " + ", ".join(f"{k.replace('/acc/', ' ')} {100 * v:.1f}%" for k, v in sorted(accs.items())))
+    return "; ".join(parts)
 
 
 def own_args(stage: dict[str, Any]) -> list[str]:
@@ -151,8 +164,8 @@ def pipeline_main(argv: list[str]) -> int:
 def run_pipeline(cfg: dict[str, Any], restart: bool = False, only_data: bool = False, extra: list[str] | None = None) -> int:
     import mlflow
 
-    from .lit.cli import run_cli
-    from .lit.metrics import metric_key
+    from visor_lightning.lit.cli import run_cli
+    from visor_lightning.lit.metrics import metric_key
 
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
@@ -185,8 +198,9 @@ def run_pipeline(cfg: dict[str, Any], restart: bool = False, only_data: bool = F
                     argv = stage_args(st, out, experiment, done) + list(extra or []) + match_steps(cfg, st, done)
                     print(f"== stage {st['name']}: visor {shlex.join(argv)}")
                     t = time.perf_counter()
-                    run_cli(argv)
+                    cli = run_cli(argv)
                     timings[st["name"]] = round(time.perf_counter() - t, 1)
+                    print(stage_line(st["name"], timings[st["name"]], cli.trainer.callback_metrics), flush=True)
                 done[st["name"]] = root
         finally:
             os.environ.pop(PARENT_ENV, None)
@@ -254,7 +268,7 @@ def evaluate_targets(cfg: dict[str, Any], out: Path, done: dict[str, Path], extr
     """``visor eval`` (swapped-image control and question-only baselines included) of every summary stage on
     the evaluation sets: the dense rows' model, every fixed configuration and policy of the first VISOR stage,
     the policy of the others. Kept when ``<out>/eval/<stage>/eval.json`` exists (a resumed pipeline)."""
-    from .evaluate import run_eval
+    from visor_lightning.commands.evaluate import run_eval
 
     sm = cfg.get("summary") or {}
     visor = sm.get("visor") or [cfg["stages"][-1]["name"]]
@@ -283,11 +297,11 @@ def fastv_peer(cfg: dict[str, Any], out: Path, done: dict[str, Path], docs: dict
     (at their mean prompt token counts) equal the configuration's; then one ``visor eval`` scores them all on
     the same sets. Kept when ``<out>/fastv/eval.json`` already holds the same targets.
     """
-    from .evaluate import run_eval
-    from .flops import FlopsModel
-    from .lit.module import _saved_spec
-    from .models import LayerSchedule
-    from .models.fastv import FastVConfig
+    from visor_lightning.commands.evaluate import run_eval
+    from visor_lightning.flops import FlopsModel
+    from visor_lightning.lit.module import _saved_spec
+    from visor_lightning.models import LayerSchedule
+    from visor_lightning.models.fastv import FastVConfig
 
     sm = cfg["summary"]
     layer = int(sm["fastv"].get("layer", 2))
@@ -338,7 +352,7 @@ def summarize(cfg: dict[str, Any], out: Path, done: dict[str, Path], docs: dict[
     """One row per target on the evaluation sets: ``dense`` (the base), ``dense_long`` (the base trained as long
     as the VISOR chain), every fixed configuration and each policy (``summary.visor`` stages), FastV at each
     fixed configuration's FLOPs; the question-only baselines; the findings (``summary.findings``)."""
-    from . import summary as S
+    from visor_lightning.commands import summary as S
 
     sm = cfg.get("summary") or {}
     visor = sm.get("visor") or [cfg["stages"][-1]["name"]]
