@@ -32,7 +32,7 @@ from pathlib import Path
 from visor_lightning.lit.tracking import tracking_uri
 
 SAFE = re.compile(r"^[A-Za-z0-9_.:,+=@/-]+$")  # what #SBATCH values may hold (sbatch reads them without a shell)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class SubmitError(ValueError):

@@ -144,7 +144,7 @@ class VisorCLI(LightningCLI):
                             help="derive trainer.accumulate_grad_batches from data.batch_size x devices x nodes")
         parser.add_argument("--checkpoint_every_n_steps", type=int, default=50, help="write last.ckpt this often")
         parser.add_argument("--mlflow", type=bool, default=True, help="log this run to MLflow")
-        if not self.with_subcommands:  # a run's own config.yaml (written by `visor fit`) carries fit's keys
+        if not getattr(self, "with_subcommands", True):  # a run's own config.yaml (written by `visor fit`) carries fit's keys
             parser.add_argument("--ckpt_path", type=str | None, default=None,
                                 help="`visor fit`'s resume key, accepted so a run's config.yaml loads; not used here")
             parser.add_argument("--weights_only", type=bool | None, default=None, help="`visor fit`'s key, not used here")
