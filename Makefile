@@ -10,7 +10,10 @@ PINS := torch==2.13.0 mlflow==3.17.2
 $(BIN)/visor: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(PINS) -e ".[test]"
+	$(BIN)/python -m pip install -q $(PINS) -e ".[test,eval]"
+	# lmms-eval's torchvision wheel is a CUDA build that fails to load beside torch+cpu, and transformers imports
+	# torchvision whenever it is installed: remove it (docs/eval.md)
+	$(BIN)/python -m pip uninstall -q -y torchvision
 	touch $(BIN)/visor
 
 install: $(BIN)/visor

@@ -73,6 +73,12 @@ def _add_data_parsers(sub) -> None:
     t.add_argument("--shards", nargs="+", required=True, help="shard globs/patterns/manifests to read text from")
     t.add_argument("--out", required=True, help="directory for the tokenizer files")
     t.add_argument("--vocab-size", type=positive, default=512)
+    x = dsub.add_parser("export-hf", help="a built split as a Hugging Face datasets directory (for lmms-eval tasks; "
+                                          "needs the eval extra)")
+    x.add_argument("--dir", required=True, help="directory holding the shards and {split}-manifest.json")
+    x.add_argument("--split", required=True)
+    x.add_argument("--out", required=True, help="datasets directory to write (save_to_disk)")
+    x.add_argument("--hf-split", default="test", help="the split name inside it (default test)")
     v = dsub.add_parser("verify", help="re-read a split: sha256 per shard and read == written")
     v.add_argument("--dir", required=True, help="directory holding the shards and {split}-manifest.json")
     v.add_argument("--split", default="train")
@@ -120,6 +126,13 @@ def cmd_data(args: argparse.Namespace) -> int:
         urls = resolve_shards(args.shards, field="--shards")
         tok = train_tokenizer(conversation_texts(urls), args.out, args.vocab_size)
         print(f"tokenizer: {len(tok)} tokens (<image> = {tok.convert_tokens_to_ids('<image>')}) from {len(urls)} shard(s) -> {args.out}")
+        return 0
+    if args.data_command == "export-hf":
+        from .data.hf_export import export_hf
+
+        res = export_hf(args.dir, args.split, args.out, args.hf_split)
+        print(f"{res['split']}: {res['rows']} rows -> {res['out']} (split {res['hf_split']}); "
+              f"skipped on read: {res['skipped'] or 'none'}")
         return 0
     from .data.shards import verify_split
 

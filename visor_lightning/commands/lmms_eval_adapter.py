@@ -1,12 +1,12 @@
 """lmms-eval adapter: run the paper's benchmarks (DocVQA, ChartQA, InfoVQA, OCRBench, TextVQA, POPE, GQA, ScienceQA,
 MME, AI2D, RealWorldQA) on a VISOR checkpoint with lmms-eval, on a GPU cluster.
 
-lmms-eval is an optional extra (``pip install lmms-eval``): nothing here imports it until :func:`register` runs.
-``VisorLMM`` does the work on lmms-eval's request layout (``Instance.args``), so it is tested offline without
-lmms-eval; ``register()`` subclasses ``lmms_eval.api.model.lmms`` around it under the name ``visor``::
+lmms-eval is an optional extra (``pip install -e ".[eval]"``); nothing here imports it. ``VisorLMM`` does the
+work on lmms-eval's request layout (``Instance.args``); :mod:`visor_lightning.commands.lmms_eval_model` wraps it
+as lmms-eval's model class, which the package's ``lmms_eval.models`` entry point registers as ``visor``::
 
-    python -c "import visor_lightning.commands.lmms_eval_adapter as a; a.register(); import lmms_eval.__main__ as m; m.cli_evaluate()" \\
-        --model visor --model_args weights=runs/x/policy/weights,processor=/models/llava-onevision-qwen2-0.5b-ov-hf,target=policy \\
+    lmms-eval --model visor \\
+        --model_args weights=runs/x/policy/weights,processor=/models/llava-onevision-qwen2-0.5b-ov-hf,target=policy \\
         --tasks docvqa_val,chartqa,pope --batch_size 8
 
 Prompts go through the checkpoint's chat template with ``<image>`` in front of the task's context, as LLaVA-OV's
@@ -23,6 +23,16 @@ import torch
 from visor_lightning.models.fastv import FastVConfig
 
 POLICY = "policy"
+# per evaluated document (its "id" field, else task/split/doc_id): configuration and prefill FLOPs, read by a
+# task's process_results (experiments/lmms_eval/utils.py) so that lmms-eval's output carries them per sample
+SAMPLE_FLOPS: dict[str, dict[str, Any]] = {}
+
+
+def sample_flops(doc_key: str) -> dict[str, Any]:
+    """The configuration and prefill GFLOPs of one evaluated document; a KeyError names what is missing."""
+    if doc_key not in SAMPLE_FLOPS:
+        raise KeyError(f"no VISOR FLOPs recorded for document {doc_key!r}: was it answered by `--model visor`?")
+    return SAMPLE_FLOPS[doc_key]
 
 
 class VisorLMM:
@@ -97,8 +107,8 @@ class VisorLMM:
         )
         return self.tok.batch_decode(tokens, skip_special_tokens=True), chosen, b
 
-    def _record(self, where: str, b: dict[str, Any], chosen: torch.Tensor) -> None:
-        """Per request of a batch (``where`` names its last one): the configuration run and its FLOPs."""
+    def _record(self, keys: list[str], b: dict[str, Any], chosen: torch.Tensor) -> None:
+        """Per request of a batch (``keys`` name them): the configuration run and its FLOPs."""
         from visor_lightning.flops import token_counts
 
         nt, nv = token_counts(b["prompt_ids"], b["prompt_mask"], self.model.backbone.image_token_id)
@@ -108,8 +118,10 @@ class VisorLMM:
                 f, name = self.dense_flops_model.fastv_prefill(t, v, self.fastv.layer, self.fastv.ratio), self.target
             else:
                 f, name = self.flops_model.prefill(feas[c], t, v, routed=self.target == POLICY), names[c]
-            self.records.append({"request": where, "config": name, "gflops": f / 1e9,
-                                 "dense_gflops": self.dense_flops_model.prefill(None, t, v) / 1e9})
+            rec = {"request": keys[i], "config": name, "gflops": f / 1e9,
+                   "dense_gflops": self.dense_flops_model.prefill(None, t, v) / 1e9}
+            self.records.append(rec)
+            SAMPLE_FLOPS[keys[i]] = rec
 
     # ---- lmms-eval's request types ----------------------------------------------------------------------
     def generate_until(self, requests: Sequence[Any], task_dict: dict[str, Any]) -> list[str]:
@@ -118,11 +130,13 @@ class VisorLMM:
         out: list[str] = []
         for start in range(0, len(requests), self.batch_size):
             chunk = requests[start : start + self.batch_size]
-            encoded, stops, lengths, where = [], [], [], ""
+            encoded, stops, lengths, keys = [], [], [], []
             for req in chunk:
                 context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
                 where = f"{task}/{split}/{doc_id}"
-                encoded.append(self._encode(context, doc_to_visual(task_dict[task][split][doc_id]), "x", where))
+                doc = task_dict[task][split][doc_id]
+                keys.append(str(doc["id"]) if isinstance(doc, dict) and "id" in doc else where)
+                encoded.append(self._encode(context, doc_to_visual(doc), "x", where))
                 until = (gen_kwargs or {}).get("until") or []
                 stops.append([until] if isinstance(until, str) else list(until))
                 lengths.append(int((gen_kwargs or {}).get("max_new_tokens", self.max_new_tokens)))
@@ -131,7 +145,7 @@ class VisorLMM:
                 for s in stops[i]:
                     text = text.split(s)[0] if s else text
                 out.append(text.strip())
-            self._record(where, b, chosen)
+            self._record(keys, b, chosen)
         return out
 
     def loglikelihood(self, requests: Sequence[Any], task_dict: dict[str, Any]) -> list[tuple[float, bool]]:
@@ -180,28 +194,15 @@ class VisorLMM:
 
 
 def register(name: str = "visor") -> type:
-    """Register ``VisorLMM`` with lmms-eval as ``--model visor`` (needs ``pip install lmms-eval``)."""
+    """Register the model under another name from Python (``--model visor`` needs nothing: the package's
+    ``lmms_eval.models`` entry point registers it when lmms-eval starts)."""
     try:
-        from lmms_eval.api.model import lmms
         from lmms_eval.api.registry import register_model
     except ImportError as e:
-        raise ImportError("the lmms-eval adapter needs lmms-eval: pip install lmms-eval (an optional extra)") from e
-
-    class Visor(lmms):
-        def __init__(self, **kwargs: Any) -> None:
-            super().__init__()
-            self.core = VisorLMM(**kwargs)
-
-        def generate_until(self, requests):
-            return self.core.generate_until(requests, self.task_dict)
-
-        def loglikelihood(self, requests):
-            return self.core.loglikelihood(requests, self.task_dict)
-
-        def generate_until_multi_round(self, requests):
-            raise NotImplementedError("visor: multi-round generation is not supported; use single-round tasks")
+        raise ImportError('the lmms-eval adapter needs lmms-eval: pip install -e ".[eval]" (an optional extra)') from e
+    from visor_lightning.commands.lmms_eval_model import Visor
 
     return register_model(name)(Visor)
 
 
-__all__ = ["POLICY", "VisorLMM", "register"]
+__all__ = ["POLICY", "SAMPLE_FLOPS", "VisorLMM", "register", "sample_flops"]
