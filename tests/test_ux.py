@@ -32,6 +32,7 @@ def _fit_to_file(demo_data: Path, tmp: Path, show_all: bool) -> tuple[str, str]:
     env.pop("SLURM_JOB_ID", None)
     if show_all:
         env["VISOR_SHOW_ALL_LOGS"] = "1"
+    tmp.mkdir(parents=True, exist_ok=True)
     out, err = tmp / "stdout.txt", tmp / "stderr.txt"
     with open(out, "w") as o, open(err, "w") as e:
         subprocess.run([sys.executable, "-m", "visor_lightning", "fit", "--config", "experiments/debug/stage0_base.yaml",
@@ -112,7 +113,7 @@ def test_eval_names_on_dense_and_visor_models_and_run_configs(tiny_pipeline, tmp
         uni = out / "universal"
         doc = run_eval([str(uni / "config.yaml")], str(uni / "weights"), targets="all", out=str(tmp_path / "u"),
                        swap=False)  # the run's own config.yaml (it carries fit's ckpt_path)
-        assert "policy" not in doc["results"]["easy"] and "dense" not in doc["results"]["easy"]
+        assert "sa[0]" in doc["results"]["easy"] and "dense" not in doc["results"]["easy"]
         with pytest.raises(ValueError, match="dense"):
             run_eval([str(uni / "config.yaml")], str(uni / "weights"), targets="dense", out=str(tmp_path / "x"),
                      swap=False)

@@ -164,7 +164,7 @@ class VisorCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any):
         from lightning.fabric.plugins.environments import SLURMEnvironment
-        from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+        from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary, RichProgressBar
 
         from visor_lightning.callbacks.data_stats import DataStats
         from visor_lightning.callbacks.preemption import SlurmPreemption, in_slurm_batch_job
@@ -198,7 +198,7 @@ class VisorCLI(LightningCLI):
         if logger is not None:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         if not sys.stdout.isatty():  # a Slurm log, CI, `| tee`: plain lines, no bar
-            callbacks.append(ProgressLines(cfg.run_name or stage))
+            callbacks += [ProgressLines(cfg.run_name or stage), ModelSummary()]  # plain text, no Rich boxes
             kwargs["enable_progress_bar"] = False
         elif cfg.trainer.get("enable_progress_bar") is not False:
             callbacks.append(RichProgressBar(leave=True))
