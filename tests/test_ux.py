@@ -19,7 +19,7 @@ from visor_lightning.models import LayerSchedule, ScheduleConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 NOISE = ("Tip:", "litlogger", "LeafSpec", "The `srun` command is available", "noload", "Loading weights",
-         "Writing model shards", "LightningCLI's args parameter")
+         "Writing model shards", "LightningCLI's args parameter", "Trainer already configured with model summary")
 
 
 def test_progress_line_interval_and_clock():

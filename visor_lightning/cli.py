@@ -7,7 +7,7 @@ import json
 import sys
 
 from .commands.args import add_data_build_args, add_workload_args, positive
-from .commands.json_out import emit
+from .commands.json_out import emit, stdout_for_json
 from .quiet import quiet_third_party
 
 
@@ -299,8 +299,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command not in handlers:
         parser.print_help()
         return 2
-    from .commands.json_out import stdout_for_json
-
     with stdout_for_json(getattr(args, "json", None) is True) as out:  # `visor demo --json FILE` names a file
         args.stdout = out
         try:

@@ -1,9 +1,9 @@
 """Known third-party noise, filtered in one place at start-up (``visor`` and every in-process stage call it).
 
-Only messages that say nothing about the run are dropped: Lightning's advertising tips, torch's ``LeafSpec``
-deprecation (raised inside Lightning), Lightning's ``srun`` hint outside a Slurm job, SQLAlchemy's ``noload``
-deprecation (raised inside MLflow's store), and transformers' weight loading/saving bars. Anything else, and
-every unknown warning, still shows. ``VISOR_SHOW_ALL_LOGS=1`` turns the filters off (to see everything).
+Only messages that say nothing about the run are dropped: Lightning's advertising tips (and its note that a
+ModelSummary callback is already there), torch's ``LeafSpec`` deprecation (raised inside Lightning), Lightning's
+``srun`` hint outside a Slurm job, SQLAlchemy's ``noload`` deprecation (raised inside MLflow's store), and
+transformers' weight loading/saving bars. Anything else, and every unknown warning, still shows. ``VISOR_SHOW_ALL_LOGS=1`` turns the filters off (to see everything).
 """
 
 from __future__ import annotations
@@ -19,13 +19,15 @@ KNOWN_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     (r"The :func:`_orm.noload` option is deprecated", Warning),
 )
 SRUN_HINT = r"The `srun` command is available on your system but is not used"
-TIP_PREFIX = "💡 Tip:"
+# Lightning info lines that say nothing about the run: its advertising tips, and the note that visor's own plain
+# ModelSummary (chosen for non-terminal logs) replaced the default one
+DROPPED_INFO = ("💡 Tip:", "Trainer already configured with model summary callbacks")
 RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 
 
 class _DropTips(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.getMessage()).startswith(TIP_PREFIX)
+        return not str(record.getMessage()).startswith(DROPPED_INFO)
 
 
 def in_slurm_job() -> bool:

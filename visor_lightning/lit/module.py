@@ -271,16 +271,16 @@ class VisorLitModule(pl.LightningModule):
         if spec == "all":
             return list(names)
         fastv = [n for n in spec if FastVConfig.parse(n) is not None]
-        bad = []
+        bad, why = [], ""
         for n in spec:
             if n != POLICY and n not in fastv:
                 try:
                     self.schedule.index(n)
-                except ValueError:
+                except ValueError as e:
                     bad.append(n)
+                    why = f" ({e})" if n == DENSE else why
         if bad:
-            dense_note = " ('dense' names a dense model's configuration)" if DENSE in bad else ""
-            raise ValueError(f"model.eval_configs: {bad} are not feasible; feasible: {names}{dense_note} "
+            raise ValueError(f"model.eval_configs: {bad} are not feasible; feasible: {names}{why} "
                              "(or the FastV peer on a dense model: fastv(k=K,r=R))")
         spec = [n if n == POLICY or n in fastv else self.schedule.canonical(n) for n in spec]
         if fastv and self.schedule.ca_layers:
