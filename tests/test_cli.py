@@ -22,6 +22,8 @@ def test_there_are_configs():
 
 def _kind(path: Path) -> str:
     text = path.read_text()
+    if "\noutput_type:" in text:
+        return "lmms-task"  # an lmms-eval task (experiments/lmms_eval), run by lmms-eval's own command line
     if "\nstages:" in text:
         return "pipeline"
     if "class_path: visor_lightning.lit." in text:
@@ -31,9 +33,32 @@ def _kind(path: Path) -> str:
     return "model"
 
 
+def _check_lmms_task(path: Path, first: str) -> None:
+    """Headed by the lmms-eval command that runs it; every ``!function utils.x`` exists."""
+    import importlib.util
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: ("function", loader.construct_scalar(node)))
+    task = yaml.load(path.read_text(), Loader=Loader)
+    assert first.startswith("# lmms-eval --model visor ") and f"--tasks {task['task']} " in first
+    assert f"--include_path {path.parent.relative_to(ROOT)}" in first
+    spec = importlib.util.spec_from_file_location("lmms_task_utils", path.parent / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    refs = [v[1] for v in task.values() if isinstance(v, tuple)]
+    assert refs and all(callable(getattr(utils, r.split(".", 1)[1])) for r in refs), refs
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_config_is_headed_by_its_command_and_parses(path, capsys):
     first = path.read_text().splitlines()[0]
+    if _kind(path) == "lmms-task":
+        _check_lmms_task(path, first)
+        return
     assert first.startswith("# visor "), f"{path} must start with the command that runs it"
     assert str(path.relative_to(ROOT)) in first
     kind = _kind(path)
