@@ -1,14 +1,13 @@
 """Plain progress lines for logs that are not a terminal (Slurm job files, CI, ``| tee``).
 
 A Rich bar draws nothing useful into a file, so without this a 4-minute stage shows no line between the model
-summary and the end of the epoch. One line every ``every`` optimizer steps (default: every 50 steps or 10% of the
-run, whichever is fewer) carries the stage, step/total, loss, samples/s, elapsed time and ETA; validation ends
-with one line of its accuracies.
+summary and the end of the epoch. One line every 50 optimizer steps or every 10% of the run, whichever is
+fewer, carries the stage, step/total, loss, samples/s, elapsed time and ETA; validation ends with one line of its
+accuracies.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any
 
@@ -28,29 +27,31 @@ def clock(seconds: float) -> str:
 class ProgressLines(pl.Callback):
     """Rank zero prints ``[stage] step 50/900 | loss 2.314 | 47.1 samples/s | elapsed 0:00:17 | ETA 0:05:02``."""
 
-    def __init__(self, stage: str, every: int | None = None, stream: Any = None) -> None:
-        self.stage, self.every, self.stream = stage, every, stream
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
         self.t0 = 0.0
         self.samples = 0
         self.start_step = 0
+        self.total = self.every = 1
         self.last_printed = -1
 
     def _print(self, text: str) -> None:
-        print(f"[{self.stage}] {text}", file=self.stream or sys.stdout, flush=True)
+        print(f"[{self.stage}] {text}", flush=True)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.t0 = time.perf_counter()
         self.samples = 0
         self.start_step = trainer.global_step  # a resumed run counts its rate from here
+        self.total = int(trainer.max_steps if trainer.max_steps and trainer.max_steps > 0
+                         else trainer.estimated_stepping_batches)
+        self.every = default_every(self.total)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         ids = batch.get("input_ids") if isinstance(batch, dict) else None
         self.samples += (len(ids) if ids is not None else 0) * trainer.world_size
-        step = trainer.global_step
-        total = int(trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches)
-        every = self.every or default_every(total)
-        if not trainer.is_global_zero or step == self.last_printed or step == 0 or (step % every and step != total):
+        step, total = trainer.global_step, self.total
+        if not trainer.is_global_zero or step == self.last_printed or step == 0 or (step % self.every and step != total):
             return
         self.last_printed = step
         elapsed = time.perf_counter() - self.t0

@@ -12,7 +12,7 @@ from .synthetic import SyntheticConfig
 
 def builder_args(args: argparse.Namespace) -> dict:
     """What decides a build's content (recorded in the manifest; the pipeline reuses a split when they match)."""
-    return {k: v for k, v in vars(args).items() if k not in ("command", "data_command", "no_progress", "version", "stdout")}
+    return {k: v for k, v in vars(args).items() if k not in ("command", "data_command", "no_progress", "version")}
 
 
 def image_fingerprints(out: str, split: str) -> frozenset[str]:

@@ -118,6 +118,8 @@ def test_bad_arguments_and_missing_lmms_eval(tiny_pipeline):
         VisorLMM(weights=str(out / "policy" / "weights"), processor=str(out / "base" / "hf"), target="fastv(k=1,r=0.5)")
     with pytest.raises(FileNotFoundError, match="weights=/nope"):
         VisorLMM(weights="/nope", processor=str(out / "base" / "hf"))
+    dense = VisorLMM(weights=str(out / "base" / "weights"), processor=str(out / "base" / "hf"), target="sa[0,1,2,3,4,5]")
+    assert dense.target == "dense"  # the schedule's alias resolves to the dense model's configuration name
     lmm = VisorLMM(weights=str(out / "base" / "weights"), processor=str(out / "base" / "hf"), target="fastv(k=1,r=0.500)")
     docs = dict(list(_docs(tiny_pipeline["data"]).items())[:2])
     bad = [Instance("generate_until", ("q", {}, lambda d: [d["image"], d["image"]], "a", "easy", "val"))]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TextIO
 
 from .commands.args import add_data_build_args, add_workload_args, positive
 from .commands.json_out import emit, stdout_for_json
@@ -114,7 +115,7 @@ def _add_bench_parsers(sub) -> None:
         k.add_argument("--out", default=None, help="also write the JSON to this file")
 
 
-def cmd_data(args: argparse.Namespace) -> int:
+def cmd_data(args: argparse.Namespace, out: TextIO) -> int:
     if args.data_command == "build":
         from .data.build import run_build
 
@@ -138,7 +139,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     res = verify_split(args.dir, args.split)
     if args.json:
-        emit(res, args.stdout)
+        emit(res, out)
     else:
         print("| shard | expected | read | sha256 |\n|---|---|---|---|")
         for r in res["shards"]:
@@ -148,7 +149,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0 if res["ok"] else 1
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
     if args.bench_command in ("prefill", "decode"):
         from pathlib import Path
 
@@ -162,7 +163,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(res, indent=2))
         if args.json:
-            emit(res, args.stdout)
+            emit(res, out)
         else:
             print(bench_spec_note(res) + "\n\n" + markdown(res))
         return 0
@@ -171,7 +172,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
     res = run_bench_data(args.shards, args.tokenizer, args.config, args.batch_size, args.batches, workers)
     if args.json:
-        emit(res, args.stdout)
+        emit(res, out)
     return 0
 
 
@@ -193,14 +194,14 @@ def _section_and_workload(args: argparse.Namespace):
     return section, work
 
 
-def cmd_flops(args: argparse.Namespace) -> int:
+def cmd_flops(args: argparse.Namespace, out: TextIO) -> int:
     from .flops import FlopsModel, format_table, workload_dict
 
     section, work = _section_and_workload(args)
     rows = FlopsModel(section.backbone, section.schedule, section.policy_width).table(work)
     if args.json:
         emit({"config": args.config, "schedule": section.schedule.describe(),
-              "workload": workload_dict(work, section.backbone), "rows": rows}, args.stdout)
+              "workload": workload_dict(work, section.backbone), "rows": rows}, out)
     else:
         nv = work.resolve_visual(section.backbone)
         print(f"schedule {section.schedule.describe()}  (S always-on SA, s optional SA, C cross-attention, . text-only)")
@@ -210,20 +211,20 @@ def cmd_flops(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sizing(args: argparse.Namespace) -> int:
+def cmd_sizing(args: argparse.Namespace, out: TextIO) -> int:
     from dataclasses import asdict
 
     from .commands.sizing import assumptions, assumptions_markdown, markdown, sizing_rows
 
     rows = sizing_rows()
     if args.json:
-        emit({"assumptions": assumptions(), "rows": [asdict(r) for r in rows]}, args.stdout)
+        emit({"assumptions": assumptions(), "rows": [asdict(r) for r in rows]}, out)
     else:
         print(markdown(rows) + "\n\nAssumptions:\n" + assumptions_markdown())
     return 0
 
 
-def cmd_ui(args: argparse.Namespace) -> int:
+def cmd_ui(args: argparse.Namespace, out: TextIO) -> int:
     import os
     import shutil
 
@@ -241,7 +242,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
-def cmd_mlflow_sync(args: argparse.Namespace) -> int:
+def cmd_mlflow_sync(args: argparse.Namespace, out: TextIO) -> int:
     from .lit.tracking import TrackingUnavailable, sync_unsent
 
     try:
@@ -252,7 +253,7 @@ def cmd_mlflow_sync(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     from .commands.demo import run_demo
 
     run_demo(out=args.out, seed=args.seed, images=args.images, repeats=args.repeats, json_path=args.json)
@@ -300,9 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     with stdout_for_json(getattr(args, "json", None) is True) as out:  # `visor demo --json FILE` names a file
-        args.stdout = out
         try:
-            return handlers[args.command](args)
+            return handlers[args.command](args, out)  # out: where a --json document goes (stdout itself)
         except (ValueError, FileNotFoundError, FileExistsError) as e:
             print(f"visor {args.command}: error: {e}", file=sys.stderr)
             return 2

@@ -67,8 +67,11 @@ class VisorLMM:
             self.model.set_token_pool(int(token_pool))
         spec, sch = self.model.backbone, self.model.schedule
         self.fastv = FastVConfig.parse(target)
-        if target != POLICY and self.fastv is None and target not in sch.names:
-            raise ValueError(f"target={target!r}: not 'policy', a feasible configuration {sch.names} or fastv(k=K,r=R)")
+        if target != POLICY and self.fastv is None:
+            try:  # the schedule owns the names and their aliases (a dense model's sa[0,...,L-1] is ``dense``)
+                target = sch.canonical(target)
+            except ValueError as e:
+                raise ValueError(f"target={target!r}: not 'policy', a feasible configuration or fastv(k=K,r=R) ({e})") from None
         if self.fastv is not None and sch.ca_layers:
             raise ValueError(f"target={target!r}: FastV prunes a dense model; {weights} has CA layers")
         if target == POLICY and sch.router_layer is None:
