@@ -22,7 +22,7 @@ def test_there_are_configs():
 
 def _kind(path: Path) -> str:
     text = path.read_text()
-    if "\noutput_type:" in text:
+    if "\ntask:" in text and "\ndataset_path:" in text:
         return "lmms-task"  # an lmms-eval task (experiments/lmms_eval), run by lmms-eval's own command line
     if "\nstages:" in text:
         return "pipeline"
@@ -44,6 +44,9 @@ def _check_lmms_task(path: Path, first: str) -> None:
 
     Loader.add_constructor("!function", lambda loader, node: ("function", loader.construct_scalar(node)))
     task = yaml.load(path.read_text(), Loader=Loader)
+    if "include" in task:  # lmms-eval's template mechanism: the included file's keys, then the task's own
+        task = {**yaml.load((path.parent / task.pop("include")).read_text(), Loader=Loader), **task}
+    assert task["output_type"] == "generate_until"
     assert first.startswith("# lmms-eval --model visor ") and f"--tasks {task['task']} " in first
     assert f"--include_path {path.parent.relative_to(ROOT)}" in first
     spec = importlib.util.spec_from_file_location("lmms_task_utils", path.parent / "utils.py")
