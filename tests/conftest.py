@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# device profiles a test measures go to a throw-away folder, not the user's cache
+os.environ["VISOR_PROFILE_DIR"] = __import__("tempfile").mkdtemp(prefix="visor-profiles-")
 
 import time
 from pathlib import Path

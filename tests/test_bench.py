@@ -10,10 +10,19 @@ import pytest
 
 from visor_lightning.cli import main
 from visor_lightning.config import load_model_section
+from visor_lightning.costmodel import CostModel
+from visor_lightning.devprofile import DeviceProfile
 from visor_lightning.flops import FlopsModel, Workload
 from visor_lightning.models import LayerSchedule
 
 TINY = "experiments/debug/tiny.yaml"
+
+
+def _profile(tmp_path) -> str:
+    """A hand-made profile, so the tests need not measure one (``tests/test_costmodel.py`` tests measuring)."""
+    t = [[1, 1e9], [1e6, 2e10]]
+    return str(DeviceProfile(name="test", device="cpu", dtype="float32", threads=2, assumed=True, bandwidth=1e10, elementwise=5e9,
+                             op_overhead_s=5e-6, gemm={"64x64": t}, sdpa=t, sdpa_decode=t).save(tmp_path / "prof.json"))
 
 
 def _run(capsys, *args: str) -> dict:
@@ -22,9 +31,10 @@ def _run(capsys, *args: str) -> dict:
 
 
 @pytest.mark.parametrize("kind", ["prefill", "decode"])
-def test_bench_rows_against_the_flops_model(capsys, kind):
+def test_bench_rows_against_the_flops_model(capsys, kind, tmp_path):
+    prof = _profile(tmp_path)
     res = _run(capsys, "bench", kind, "--config", TINY, "--repeats", "2", "--warmup", "0", "--fastv", "1",
-               "--decode-tokens", "3")
+               "--decode-tokens", "3", "--profile", prof)
     sec = load_model_section(TINY)
     fm, dense = FlopsModel(sec.backbone, sec.schedule, sec.policy_width), FlopsModel(sec.backbone, LayerSchedule.dense(6))
     nt, nv = 64, Workload().resolve_visual(sec.backbone)
@@ -32,9 +42,16 @@ def test_bench_rows_against_the_flops_model(capsys, kind):
     names = [r["config"] for r in res["rows"]]
     assert names[:3] == ["dense", "sa[0]", "sa[0,3]"] and len(names) == 5 and names[3].startswith("fastv(k=1,")
     rows = {r["config"]: r for r in res["rows"]}
+    cm = CostModel(fm, DeviceProfile.load(prof), 4)
+    dense_cm = CostModel(dense, DeviceProfile.load(prof), 4)
     for r in res["rows"]:
         assert r["median_ms"] > 0 and r["median_ms"] >= r["min_ms"]
         assert r["measured_over_analytic"] == pytest.approx(r["measured_speedup"] / r["analytic_ratio"])
+        assert r["measured_over_predicted"] == pytest.approx(r["median_ms"] / r["predicted_ms"])
+        assert sum(r["predicted_parts_ms"].values()) == pytest.approx(r["predicted_ms"])
+    for name, model, keys, ca in (("dense", dense_cm, fm.visual_keys(None, nv), None), ("sa[0,3]", cm, fm.visual_keys((0, 3), nv), nv)):
+        expect = (model.prefill(keys, nt, ca_nv=ca) if kind == "prefill" else model.decode(keys, nt, 3, ca_nv=ca)).ms
+        assert rows[name]["predicted_ms"] == pytest.approx(expect)
     assert rows["dense"]["measured_speedup"] == 1.0 and rows["dense"]["analytic_ratio"] == 1.0
     for i, active in enumerate(sec.schedule.feasible):
         name = names[1 + i]
@@ -56,9 +73,11 @@ def test_bench_rows_against_the_flops_model(capsys, kind):
 def test_bench_table_and_pooling(capsys, tmp_path):
     out = tmp_path / "b.json"
     assert main(["bench", "prefill", "--config", TINY, "--repeats", "1", "--warmup", "0", "--token-pool", "4",
-                 "--out", str(out)]) == 0
+                 "--out", str(out), "--profile", _profile(tmp_path)]) == 0
     text = capsys.readouterr().out
-    assert "| config | SA layers | median ms | measured speed-up | analytic FLOPs ratio | measured / analytic |" in text
+    assert ("| config | SA layers | median ms | predicted ms | measured / predicted | measured speed-up "
+            "| analytic FLOPs ratio | measured / analytic |") in text
+    assert "worst measured / predicted: " in text and "profile: test cpu float32 (ASSUMED" in text
     res = json.loads(out.read_text())
     sec = load_model_section(TINY)
     assert res["dense_visual_tokens"] == Workload().resolve_visual(sec.backbone) > res["visual_tokens"]

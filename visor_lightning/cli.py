@@ -7,7 +7,7 @@ import json
 import sys
 from typing import TextIO
 
-from .commands.args import add_data_build_args, add_workload_args, positive
+from .commands.args import add_data_build_args, add_workload_args, grid, positive
 from .commands.json_out import emit, stdout_for_json
 from .quiet import quiet_third_party
 
@@ -111,8 +111,46 @@ def _add_bench_parsers(sub) -> None:
         k.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
         k.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                        help="default: bfloat16 on CUDA, float32 on CPU")
+        k.add_argument("--profile", default=None, metavar="FILE|GPU",
+                       help="device profile the predictions use (default: this machine's, measured once and cached)")
         k.add_argument("--json", action="store_true", help="print JSON instead of a table")
         k.add_argument("--out", default=None, help="also write the JSON to this file")
+    p = bsub.add_parser("profile", help="measure this device's GEMM/SDPA throughput, bandwidth and op overhead (<= ~30 s)",
+                        description="Measure (or, with --datasheet, assume) the device profile the cost model prices "
+                                    "time with, and cache it per machine/device/dtype.")
+    p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when present)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--datasheet", default=None, metavar="GPU", help="write an assumed profile from vendor peaks: "
+                   "h100-sxm, h200-sxm, a100-sxm-80gb")
+    p.add_argument("--force", action="store_true", help="measure again even if a cached profile exists")
+    p.add_argument("--out", default=None, help="write the profile here instead of the cache")
+    p.add_argument("--json", action="store_true", help="print the profile JSON")
+    sv = bsub.add_parser("serve", help="predicted TTFT, decode tokens/s at batch 1/32/128, KV and sequences that fit",
+                         description="Predicted serving numbers per configuration on a device profile (nothing runs).")
+    sv.add_argument("--config", default="experiments/llava_ov_0.5b/model.yaml", help="experiment YAML with a model: section")
+    sv.add_argument("--profile", default="h100-sxm", metavar="FILE|GPU", help="profile file or datasheet GPU (default h100-sxm)")
+    sv.add_argument("--grids", default="2x2,6x6", help="comma-separated AnyRes grids (default 2x2,6x6)")
+    sv.add_argument("--text-tokens", type=positive, default=64, help="prompt text tokens (default 64)")
+    sv.add_argument("--output-tokens", type=positive, default=256, help="generated tokens per request (default 256)")
+    sv.add_argument("--memory-gb", type=float, default=None, help="device memory (default: the profile's)")
+    sv.add_argument("--bytes-per-element", type=positive, default=2, help="weights and KV (default 2: bf16)")
+    sv.add_argument("--token-pool", type=positive, default=None, help="VISOR-TR pooling factor (default: the config's)")
+    sv.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    tr = bsub.add_parser("train", help="one training step (fwd + bwd + AdamW): dense vs universal per configuration",
+                         description="Time a full training step of dense full fine-tune and of the universal stage at "
+                                     "each configuration, measured and predicted. Random weights; CUDA when present.")
+    tr.add_argument("--config", default="experiments/llava_ov_0.5b/model.yaml", help="experiment YAML with a model: section")
+    add_workload_args(tr)
+    tr.set_defaults(grid=(1, 1))
+    tr.add_argument("--batch", type=positive, default=1, help="sequences per step (default 1)")
+    tr.add_argument("--repeats", type=positive, default=2, help="timed rounds (default 2)")
+    tr.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    tr.add_argument("--device", default=None, help="cpu, cuda (default: cuda when present)")
+    tr.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    tr.add_argument("--profile", default=None, metavar="FILE|GPU", help="device profile (default: this machine's)")
+    tr.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    tr.add_argument("--out", default=None, help="also write the JSON to this file")
 
 
 def cmd_data(args: argparse.Namespace, out: TextIO) -> int:
@@ -149,30 +187,99 @@ def cmd_data(args: argparse.Namespace, out: TextIO) -> int:
     return 0 if res["ok"] else 1
 
 
+def _write_and_show(args: argparse.Namespace, res: dict, text: str, out: TextIO) -> int:
+    from pathlib import Path
+
+    if getattr(args, "out", None):
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=2))
+    if args.json:
+        emit(res, out)
+    else:
+        print(text)
+    return 0
+
+
+def _bench_profile(args: argparse.Namespace):
+    """The --profile of a bench command: a file, a datasheet GPU, or (None) this machine's cached profile."""
+    import torch
+
+    from .devprofile import get_profile
+
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).type
+    dtype = args.dtype or ("bfloat16" if dev == "cuda" else "float32")
+    return get_profile(dev, dtype, args.profile, progress=None if args.json else print)
+
+
 def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
     if args.bench_command in ("prefill", "decode"):
-        from pathlib import Path
-
         from .commands.bench_model import bench_spec_note, markdown, run_bench
 
         section, work = _section_and_workload(args)
         res = run_bench(args.bench_command, section, work, batch=args.batch, repeats=args.repeats, warmup=args.warmup,
-                        fastv_layer=args.fastv, device=args.device, dtype=args.dtype, progress=not args.json)
+                        fastv_layer=args.fastv, device=args.device, dtype=args.dtype, progress=not args.json,
+                        profile=_bench_profile(args))
         res["config"] = args.config
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(res, indent=2))
-        if args.json:
-            emit(res, out)
-        else:
-            print(bench_spec_note(res) + "\n\n" + markdown(res))
-        return 0
+        return _write_and_show(args, res, bench_spec_note(res) + "\n\n" + markdown(res), out)
+    if args.bench_command == "profile":
+        return _cmd_bench_profile(args, out)
+    if args.bench_command == "serve":
+        from .commands.bench_serve import markdown as serve_md, serve_rows
+        from .config import load_model_section
+        from .devprofile import get_profile
+
+        section = load_model_section(args.config)
+        if args.token_pool is not None:
+            from dataclasses import replace
+
+            section.backbone = replace(section.backbone, token_pool=args.token_pool)
+        prof = get_profile("cuda", "bfloat16", args.profile)
+        mem = args.memory_gb * 1e9 if args.memory_gb is not None else None
+        tables = [serve_rows(section, prof, grid(g.strip()), text_tokens=args.text_tokens, output_tokens=args.output_tokens,
+                             memory_bytes=mem, bytes_per_element=args.bytes_per_element)
+                  for g in args.grids.split(",") if g.strip()]
+        res = {"config": args.config, "profile": prof.describe(), "schedule": section.schedule.describe(), "grids": tables}
+        text = f"predicted on {prof.describe()}\nschedule {res['schedule']}\n\n" + "\n\n".join(serve_md(t) for t in tables)
+        return _write_and_show(args, res, text, out)
+    if args.bench_command == "train":
+        from .commands.bench_train import markdown as train_md, run_train_bench
+
+        section, work = _section_and_workload(args)
+        res = run_train_bench(section, work, batch=args.batch, repeats=args.repeats, warmup=args.warmup,
+                              device=args.device, dtype=args.dtype, progress=not args.json, profile=_bench_profile(args))
+        res["config"] = args.config
+        return _write_and_show(args, res, train_md(res), out)
     from .commands.bench_data import run_bench_data
 
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
     res = run_bench_data(args.shards, args.tokenizer, args.config, args.batch_size, args.batches, workers)
     if args.json:
         emit(res, out)
+    return 0
+
+
+def _cmd_bench_profile(args: argparse.Namespace, out: TextIO) -> int:
+    import torch
+
+    from .devprofile import datasheet_profile, default_path, get_profile
+
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).type
+    dtype = args.dtype or ("bfloat16" if dev == "cuda" else "float32")
+    if args.datasheet:
+        prof = datasheet_profile(args.datasheet, dtype)
+        path = prof.save(args.out or default_path(args.datasheet, dtype))
+    elif args.out:
+        from .devprofile import measure
+
+        prof = measure(dev, dtype, progress=None if args.json else print)
+        path = prof.save(args.out)
+    else:
+        prof = get_profile(dev, dtype, force=args.force, progress=None if args.json else print)
+        path = default_path(dev, dtype)
+    if args.json:
+        emit({"path": str(path), **json.loads(prof.to_json())}, out)
+    else:
+        print(f"{prof.describe()}\n-> {path}")
     return 0
 
 

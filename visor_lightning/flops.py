@@ -15,7 +15,9 @@ Prefill of the LLM with Nt text and Nv visual tokens, for a configuration with a
     dense  = L * layer(Nt + Nv)
     VISOR  = sum_{l in A} layer(Nt + Nv) + sum_{l not in A} layer(Nt) + |L_CA| * ca(Nt, Nv) + policy
 
-plus the LM head on the last token (2 d V) for both. The vision encoder (SigLIP up to the feature layer) and the
+plus the LM head on the last token (2 d V) for both. The code builds these sums op by op (``layer_ops``, ``ca_ops``,
+``prefill_ops``, ``decode_ops``: every matrix product with its shape), so the cost model (``costmodel.py``) prices
+exactly the products counted here. The vision encoder (SigLIP up to the feature layer) and the
 connector are counted separately: they are the same for dense and VISOR. Decoding one token at step t (its
 context Nt + t text tokens) costs proj(1) + attn(1, keys) + mlp(1) per layer, keys being Nt + t (+ Nv in SA
 layers and the dense model), plus per CA layer 4 d^2 + attn(1, Nv) (visual K/V are cached), plus 2 d V.
@@ -59,6 +61,29 @@ class Workload:
         return 1 + self.grid[0] * self.grid[1]
 
 
+@dataclass(frozen=True)
+class Op:
+    """One matrix product of a forward pass over a whole batch, at the shape the cost model prices it at.
+
+    ``gemm``: [rows, k] x [k, n]. ``attn``: ``batch`` sequences, ``rows`` queries each over ``keys`` keys
+    (QK^T and AV of every head). ``block`` says whose it is: host (a decoder layer), ca, head, policy.
+    """
+
+    name: str
+    kind: str
+    flops: int
+    rows: int
+    k: int = 0
+    n: int = 0
+    keys: int = 0
+    batch: int = 1
+    block: str = "host"
+
+
+def total_flops(ops: Sequence[Op]) -> int:
+    return sum(o.flops for o in ops)
+
+
 class FlopsModel:
     """Analytic counts for one backbone and schedule."""
 
@@ -69,27 +94,61 @@ class FlopsModel:
         self.d_kv = t.num_kv_heads * t.head_dim
 
     # ---- building blocks ----------------------------------------------------------------------------
-    def proj(self, n: int) -> int:
-        return 2 * n * (2 * self.d * self.d + 2 * self.d * self.d_kv)
-
     def attn(self, nq: int, nk: int, d: int | None = None) -> int:
         return 4 * nq * nk * (d or self.d)
-
-    def mlp(self, n: int) -> int:
-        return 6 * n * self.d * self.m
-
-    def layer(self, n: int) -> int:
-        return self.proj(n) + self.attn(n, n) + self.mlp(n)
-
-    def ca(self, nt: int, nv: int) -> int:
-        return 2 * (2 * nt * self.d * self.d + 2 * nv * self.d * self.d_kv) + self.attn(nt, nv)
 
     def lm_head(self, n: int = 1) -> int:
         return 2 * n * self.d * self.vocab
 
-    def policy(self) -> int:
+    # ---- the same counts, op by op (what ``costmodel.py`` prices) ---------------------------------------
+    @staticmethod
+    def _gemm(name: str, rows: int, k: int, n: int, block: str = "host") -> Op:
+        return Op(name, "gemm", 2 * rows * k * n, rows, k, n, block=block)
+
+    def layer_ops(self, l: int, batch: int, n: int, keys: int) -> list[Op]:
+        """Host layer ``l``: ``n`` new tokens per sequence attending over ``keys``. Sums to proj + attn + mlp."""
+        d, kv, m, r, g = self.d, self.d_kv, self.m, batch * n, self._gemm
+        return [g(f"{l}.q", r, d, d), g(f"{l}.k", r, d, kv), g(f"{l}.v", r, d, kv),
+                Op(f"{l}.attn", "attn", batch * self.attn(n, keys), n, keys=keys, batch=batch),
+                g(f"{l}.o", r, d, d), g(f"{l}.gate", r, d, m), g(f"{l}.up", r, d, m), g(f"{l}.down", r, m, d)]
+
+    def ca_ops(self, l: int, batch: int, nt: int, nv: int, decode: bool = False) -> list[Op]:
+        """CA block before layer ``l``: q/o over the text, k/v over the visual tokens (not when decoding: cached)."""
+        d, kv, g = self.d, self.d_kv, self._gemm
+        kvs = [] if decode else [g(f"{l}.ca.k", batch * nv, d, kv, "ca"), g(f"{l}.ca.v", batch * nv, d, kv, "ca")]
+        return [g(f"{l}.ca.q", batch * nt, d, d, "ca"), *kvs,
+                Op(f"{l}.ca.attn", "attn", batch * self.attn(nt, nv), nt, keys=nv, batch=batch, block="ca"),
+                g(f"{l}.ca.o", batch * nt, d, d, "ca")]
+
+    def policy_ops(self, batch: int) -> list[Op]:
+        if self.schedule.router_layer is None:
+            return []
         w, c = self.policy_width, len(self.schedule.feasible)
-        return 2 * (2 * self.d * w + w * c) if self.schedule.router_layer is not None else 0
+        return [self._gemm("policy.in", batch, 2 * self.d, w, "policy"), self._gemm("policy.out", batch, w, c, "policy")]
+
+    def prefill_ops(self, keys: Sequence[int], nt: int, *, batch: int = 1, ca_nv: int | None = None,
+                    routed: bool = False, head_rows: int = 1) -> list[Op]:
+        """A prefill whose layer l runs over nt + keys[l] tokens; ``ca_nv`` adds the CA blocks (VISOR) over that
+        many visual tokens; ``head_rows`` LM-head rows per sequence (1: the last token; nt when training)."""
+        ops: list[Op] = []
+        ca = set(self.schedule.ca_layers) if ca_nv is not None else set()
+        for l, v in enumerate(keys):
+            if l in ca:
+                ops += self.ca_ops(l, batch, nt, ca_nv)
+            ops += self.layer_ops(l, batch, nt + v, nt + v)
+        if routed:
+            ops += self.policy_ops(batch)
+        return ops + [self._gemm("lm_head", batch * head_rows, self.d, self.vocab, "head")]
+
+    def decode_ops(self, keys: Sequence[int], context: int, *, batch: int = 1, ca_nv: int | None = None) -> list[Op]:
+        """One generated token per sequence whose text context (itself included) is ``context`` tokens long."""
+        ops: list[Op] = []
+        ca = set(self.schedule.ca_layers) if ca_nv is not None else set()
+        for l, v in enumerate(keys):
+            if l in ca:
+                ops += self.ca_ops(l, batch, 1, ca_nv, decode=True)
+            ops += self.layer_ops(l, batch, 1, context + v)
+        return ops + [self._gemm("lm_head", batch, self.d, self.vocab, "head")]
 
     # ---- totals -------------------------------------------------------------------------------------
     def vision(self, crops: int) -> int:
@@ -117,12 +176,9 @@ class FlopsModel:
         """FastV: every visual token before ``layer``, the kept ones from it on."""
         return [nv] * layer + [fastv_keep(nv, ratio)] * (self.L - layer)
 
-    def _decode_mean(self, nt: int, keys: Sequence[int], steps: int, per_step: int = 0) -> float:
+    def _decode_mean(self, nt: int, keys: Sequence[int], steps: int, ca_nv: int | None = None) -> float:
         """Mean FLOPs per generated token: per layer proj + mlp + attention over context and visual keys."""
-        total = 0
-        for t in range(1, steps + 1):
-            ctx = nt + t
-            total += sum(self.proj(1) + self.mlp(1) + self.attn(1, ctx + v) for v in keys) + per_step + self.lm_head(1)
+        total = sum(total_flops(self.decode_ops(keys, nt + t, ca_nv=ca_nv)) for t in range(1, steps + 1))
         return total / max(steps, 1)
 
     def prefill(self, active: Sequence[int] | None, nt: int, nv: int, routed: bool = True) -> int:
@@ -130,14 +186,13 @@ class FlopsModel:
 
         ``routed=False`` leaves out the policy MLP, for a configuration forced by the caller.
         """
-        body = sum(self.layer(nt + v) for v in self.visual_keys(active, nv)) + self.lm_head(1)
-        if active is None:
-            return body
-        return body + len(self.schedule.ca_layers) * self.ca(nt, nv) + (self.policy() if routed else 0)
+        ops = self.prefill_ops(self.visual_keys(active, nv), nt, ca_nv=None if active is None else nv,
+                               routed=routed and active is not None)
+        return total_flops(ops)
 
     def fastv_prefill(self, nt: int, nv: int, layer: int, ratio: float) -> int:
         """Dense prefill with FastV pruning: ``ratio`` of the visual tokens dropped from layer ``layer`` on."""
-        return sum(self.layer(nt + v) for v in self.fastv_keys(nv, layer, ratio)) + self.lm_head(1)
+        return total_flops(self.prefill_ops(self.fastv_keys(nv, layer, ratio), nt))
 
     def fastv_ratio_for(self, target: float, tokens: Sequence[tuple[float, float]], layer: int) -> float:
         """The FastV drop ratio whose mean prefill FLOPs over the ``tokens`` workloads ((text, visual) counts,
@@ -160,8 +215,7 @@ class FlopsModel:
     def decode(self, active: Sequence[int] | None, nt: int, nv: int, steps: int) -> float:
         """Mean FLOPs per generated token over ``steps`` decode steps after the prefill (CA blocks read the visual
         K/V cached once per image: 4 d^2 + attn(1, Nv) each)."""
-        ca = 0 if active is None else len(self.schedule.ca_layers) * (4 * self.d * self.d + self.attn(1, nv))
-        return self._decode_mean(nt, self.visual_keys(active, nv), steps, ca)
+        return self._decode_mean(nt, self.visual_keys(active, nv), steps, None if active is None else nv)
 
     def visual_kv_bytes(self, active: Sequence[int] | None, nv: int, bytes_per_element: int = 2) -> int:
         layers = self.L if active is None else len(set(active)) + len(self.schedule.ca_layers)

@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import torch
 
+from visor_lightning.costmodel import CostModel
+from visor_lightning.devprofile import DeviceProfile, get_profile
 from visor_lightning.flops import FlopsModel, Workload
 from visor_lightning.models.fastv import FastVConfig, fastv_prefill
 from visor_lightning.models.schedule import LayerSchedule, config_name
@@ -66,8 +68,9 @@ def _timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
 
 def run_bench(kind: str, section, work: Workload, *, batch: int = 1, repeats: int = 5, warmup: int = 1,
               fastv_layer: int | None = None, device: str | None = None, dtype: str | None = None,
-              progress: bool = True) -> dict[str, Any]:
-    """Time ``kind`` ('prefill' or 'decode') for dense, every feasible configuration and optional FastV rows."""
+              progress: bool = True, profile: DeviceProfile | None = None) -> dict[str, Any]:
+    """Time ``kind`` ('prefill' or 'decode') for dense, every feasible configuration and optional FastV rows, and
+    predict each row's time with the cost model on ``profile`` (default: this machine's, measured once, cached)."""
     from visor_lightning.models.cache import VisorCache
 
     if kind not in ("prefill", "decode"):
@@ -84,16 +87,19 @@ def run_bench(kind: str, section, work: Workload, *, batch: int = 1, repeats: in
     steps = work.decode_tokens
     bpe = torch.empty((), dtype=dt).element_size()  # visual-KV bytes are priced at the dtype that runs
 
-    # rows: name, SA layers, prefill(cache) -> logits, analytic prefill / decode-per-token FLOPs, visual KV bytes
+    # rows: name, SA layers, prefill(cache) -> logits, analytic prefill / decode-per-token FLOPs, visual KV bytes,
+    # and the per-layer visual keys (+ CA visual tokens) the cost model prices and the decode cache is filled with
     rows: list[dict[str, Any]] = [dict(config="dense", sa="all", run=lambda c: dense(emb_d, is_vis_d, mask_d, cache=c, last_only=True).logits,
                                        prefill=fm.prefill(None, nt, nv_dense), decode=fm.decode(None, nt, nv_dense, steps),
-                                       kv=fm.visual_kv_bytes(None, nv_dense, bpe), lm=dense)]
+                                       kv=fm.visual_kv_bytes(None, nv_dense, bpe), lm=dense,
+                                       keys=fm.visual_keys(None, nv_dense), ca_nv=None, cid=dense.schedule.full_config, nv=nv_dense)]
     for cid, active in enumerate(sch.feasible):
         ids = torch.full((batch,), cid, device=dev)
         rows.append(dict(config=config_name(active), sa=len(active),
                          run=lambda c, ids=ids: visor(emb, is_vis, mask, config_ids=ids, cache=c, last_only=True).logits,
                          prefill=fm.prefill(active, nt, nv, routed=False), decode=fm.decode(active, nt, nv, steps),
-                         kv=fm.visual_kv_bytes(active, nv, bpe), lm=visor))
+                         kv=fm.visual_kv_bytes(active, nv, bpe), lm=visor,
+                         keys=fm.visual_keys(active, nv), ca_nv=nv, cid=cid, nv=nv))
     if fastv_layer is not None:
         dense_fm = FlopsModel(spec, LayerSchedule.dense(sch.num_layers))
         for active in sch.feasible:
@@ -104,19 +110,30 @@ def run_bench(kind: str, section, work: Workload, *, batch: int = 1, repeats: in
                              prefill=dense_fm.fastv_prefill(nt, nv, fastv_layer, r),
                              decode=dense_fm.fastv_decode(nt, nv, fastv_layer, r, steps),
                              kv=dense_fm.fastv_visual_kv_bytes(nv, fastv_layer, r, bpe),
-                             lm=dense))
+                             lm=dense, keys=dense_fm.fastv_keys(nv, fastv_layer, r), ca_nv=None, cid=None, nv=nv))
+
+    prof = profile or get_profile(dev.type, str(dt).removeprefix("torch."), progress=(print if progress else None))
+    cm = CostModel(fm, prof, bpe)
+    for r in rows:
+        if kind == "prefill":
+            r["predicted"] = cm.prefill(r["keys"], nt, batch=batch, ca_nv=r["ca_nv"])
+        else:
+            r["predicted"] = cm.decode(r["keys"], nt, steps, batch=batch, ca_nv=r["ca_nv"])
 
     timer = _timer(dev)
     nxt = torch.zeros(batch, dtype=torch.long, device=dev)
+    t_cfg = spec.text
 
     def once(row: dict[str, Any]) -> float:
         if kind == "prefill":
             return timer(lambda: row["run"](None))
-        cache = VisorCache(sch.num_layers)
-        row["run"](cache)
+        # the cache B prefills would leave, filled directly: decode at batch 32 costs seconds, not 32 prefills
+        lm = row["lm"]
+        cache = VisorCache.filled(row["keys"], nt, batch, kv_heads=t_cfg.num_kv_heads, head_dim=t_cfg.head_dim,
+                                  ca_layers=tuple(int(l) for l in lm.ca_blocks), visual=row["nv"],
+                                  dtype=dt, device=dev, config_id=row["cid"])
         text_bytes = batch * sch.num_layers * nt * 2 * fm.d_kv * bpe  # every layer caches the text keys
         row["measured_kv"] = (cache.nbytes() - text_bytes) // batch
-        lm = row["lm"]
         return timer(lambda: [lm.decode_step(nxt, cache) for _ in range(steps)]) / steps
 
     times: dict[str, list[float]] = {r["config"]: [] for r in rows}
@@ -136,13 +153,16 @@ def run_bench(kind: str, section, work: Workload, *, batch: int = 1, repeats: in
         t = statistics.median(times[r["config"]])
         speedup = base_t / t
         analytic = rows[0][key] / r[key]
+        pred = r["predicted"]
         row = dict(config=r["config"], sa_layers=r["sa"], median_ms=1e3 * t, min_ms=1e3 * min(times[r["config"]]),
                    measured_speedup=speedup, analytic_ratio=analytic, measured_over_analytic=speedup / analytic,
-                   analytic_gflops=r[key] / 1e9)
+                   analytic_gflops=r[key] / 1e9, predicted_ms=pred.ms, measured_over_predicted=1e3 * t / pred.ms,
+                   predicted_parts_ms={k: 1e3 * v for k, v in pred.parts.items()})
         if kind == "decode":
             row.update(tokens_per_s=batch / t, visual_kv_bytes=r["kv"], measured_visual_kv_bytes=r["measured_kv"])
         out_rows.append(row)
     return dict(kind=kind, device=str(dev), dtype=str(dt).removeprefix("torch."), threads=torch.get_num_threads(),
+                profile=prof.describe(),
                 batch=batch, repeats=repeats, text_tokens=nt, visual_tokens=nv, dense_visual_tokens=nv_dense,
                 token_pool=spec.token_pool, decode_tokens=steps,
                 schedule=sch.describe(), rows=out_rows)
@@ -151,12 +171,16 @@ def run_bench(kind: str, section, work: Workload, *, batch: int = 1, repeats: in
 def markdown(res: dict[str, Any]) -> str:
     dec = res["kind"] == "decode"
     head = "| config | SA layers | median ms" + ("/token | tokens/s | visual KV MiB" if dec else "") + \
-           " | measured speed-up | analytic FLOPs ratio | measured / analytic |"
+           " | predicted ms | measured / predicted | measured speed-up | analytic FLOPs ratio | measured / analytic |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in res["rows"]:
         extra = f" | {r['tokens_per_s']:.1f} | {r['visual_kv_bytes'] / 2**20:.2f}" if dec else ""
-        lines.append(f"| {r['config']} | {r['sa_layers']} | {r['median_ms']:.2f}{extra} | {r['measured_speedup']:.2f}x | "
+        lines.append(f"| {r['config']} | {r['sa_layers']} | {r['median_ms']:.2f}{extra} | {r['predicted_ms']:.2f} | "
+                     f"{r['measured_over_predicted']:.2f} | {r['measured_speedup']:.2f}x | "
                      f"{r['analytic_ratio']:.2f}x | {r['measured_over_analytic']:.2f} |")
+    worst = max(res["rows"], key=lambda r: abs(r["measured_over_predicted"] - 1))
+    lines.append(f"\nworst measured / predicted: {worst['measured_over_predicted']:.2f} ({worst['config']}); "
+                 f"profile: {res['profile']}")
     return "\n".join(lines)
 
 

@@ -33,6 +33,30 @@ class VisorCache:
         self.next_pos: torch.Tensor | None = None  # [B] position of the next token
         self.config_ids: torch.Tensor | None = None
 
+    @classmethod
+    def filled(cls, keys: list[int], text: int, batch: int, *, kv_heads: int, head_dim: int, ca_layers: tuple[int, ...] = (),
+               visual: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+               config_id: int | None = None, seed: int = 0) -> "VisorCache":
+        """A cache as a prefill of ``batch`` full-length prompts of ``text`` + ``visual`` tokens would leave it, with
+        random contents: layer l holds ``text + keys[l]`` keys (the FLOPs model's per-layer visual keys), each CA
+        layer the ``visual`` tokens' K/V.
+        Benchmarks decode at batch B without running B prefills (``tests/test_costmodel.py`` checks the layout
+        against a real prefill's cache)."""
+        g = torch.Generator().manual_seed(seed)
+        rand = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)  # noqa: E731
+        cache = cls(len(keys))
+        for l, v in enumerate(keys):
+            s = text + v
+            cache.k[l], cache.v[l] = rand(batch, kv_heads, s, head_dim), rand(batch, kv_heads, s, head_dim)
+            cache.valid[l] = torch.ones(batch, s, dtype=torch.bool, device=device)
+        for l in ca_layers:
+            cache.ca_kv[l] = (rand(batch, kv_heads, visual, head_dim), rand(batch, kv_heads, visual, head_dim))
+        cache.visual_valid = torch.ones(batch, visual, dtype=torch.bool, device=device)
+        cache.next_pos = torch.full((batch,), text + visual, dtype=torch.long, device=device)
+        if config_id is not None:
+            cache.config_ids = torch.full((batch,), config_id, dtype=torch.long, device=device)
+        return cache
+
     def store(self, layer: int, batch: int, parts: list[tuple[torch.Tensor, _Capture, torch.Tensor]]) -> None:
         """Assemble one layer's prefill K/V from per-row-group captures (rows, capture, key validity)."""
         s = max(c.k.shape[2] for _, c, _ in parts)
