@@ -7,6 +7,9 @@ sequences that fit in memory are bounded by K/V bytes. Per configuration and Any
 * decode tokens/s at batch 1, 32 and 128 (the step at the mean context of ``--output-tokens`` generated tokens);
 * visual KV per sequence, and all KV (text and generated tokens too);
 * how many sequences fit in the memory left after the weights, and the decode throughput at that batch.
+
+It prices a serving engine that writes each new token's K/V in place (paged attention), not ``VisorCache``'s
+``torch.cat`` appends, which copy the whole cache every step (``visor bench decode`` measures those).
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ def serve_rows(section, profile: DeviceProfile, grid: tuple[int, int], *, text_t
     """One row for dense and one per feasible configuration, for a square image tiled ``grid``."""
     spec, sch = section.backbone, section.schedule
     fm = FlopsModel(spec, sch, section.policy_width)
-    cm = CostModel(fm, profile, bytes_per_element)
-    dense_cm = CostModel(FlopsModel(spec, LayerSchedule.dense(sch.num_layers)), profile, bytes_per_element)
+    # a serving engine appends K/V in place (paged attention); visor's own generate() copies (see bench decode)
+    cm = CostModel(fm, profile, bytes_per_element, cat_appends=False)
+    dense_cm = CostModel(FlopsModel(spec, LayerSchedule.dense(sch.num_layers)), profile, bytes_per_element, cat_appends=False)
     work = Workload(text_tokens=text_tokens, grid=grid)
     nt, nv = text_tokens, work.resolve_visual(spec)
     nv_dense = work.resolve_visual(replace(spec, token_pool=1))
@@ -75,7 +79,8 @@ def markdown(res: dict[str, Any]) -> str:
     head = ("| config | TTFT ms | prefill ms | tok/s @1 | tok/s @32 | tok/s @128 | visual KV MiB/seq | KV MiB/seq "
             f"| sequences in {gb:.0f} GB | tok/s at that batch |")
     lines = [f"{res['grid']} grid: {res['text_tokens']} text + {res['visual_tokens']} visual tokens, "
-             f"{res['output_tokens']} generated; vision tower + connector {res['vision_ms']:.1f} ms of each TTFT", "",
+             f"{res['output_tokens']} generated; vision tower + connector {res['vision_ms']:.1f} ms of each TTFT; "
+             "K/V appended in place", "",
              head, "|" + "---|" * (head.count("|") - 1)]
     for r in res["rows"]:
         t = r["decode_tokens_per_s"]
