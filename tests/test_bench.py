@@ -21,7 +21,7 @@ TINY = "experiments/debug/tiny.yaml"
 def _profile(tmp_path) -> str:
     """A hand-made profile, so the tests need not measure one (``tests/test_costmodel.py`` tests measuring)."""
     t = [[1, 1e9], [1e6, 2e10]]
-    return str(DeviceProfile(name="test", device="cpu", dtype="float32", threads=2, assumed=True, bandwidth=1e10, elementwise=5e9,
+    return str(DeviceProfile(name="test", device="cpu", dtype="float32", threads=2, assumed=True, bandwidth=1e10, elementwise=5e9, adamw_s_per_param=5e-9,
                              op_overhead_s=5e-6, gemm={"64x64": t}, sdpa=t, sdpa_decode=t).save(tmp_path / "prof.json"))
 
 

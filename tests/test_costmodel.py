@@ -19,7 +19,7 @@ import torch
 from visor_lightning.cli import main
 from visor_lightning.commands.bench_model import build_lms, make_inputs
 from visor_lightning.config import load_model_section
-from visor_lightning.costmodel import (ACT_D, ACT_M, LAUNCHES_CA, LAUNCHES_DECODE_LAYER, LAUNCHES_FIXED,
+from visor_lightning.costmodel import (ACT_D, ACT_M, BACKWARD, LAUNCHES_CA, LAUNCHES_DECODE_LAYER, LAUNCHES_FIXED,
                                        LAUNCHES_PREFILL_LAYER, CostModel)
 from visor_lightning.devprofile import DeviceProfile, datasheet_profile, interpolate, measure, nondecreasing
 from visor_lightning.flops import FlopsModel, total_flops
@@ -33,7 +33,7 @@ TINY = "experiments/debug/tiny.yaml"
 def flat_profile(flops: float = 1e9, bandwidth: float = 1e9, overhead: float = 1e-6) -> DeviceProfile:
     t = [[1, flops], [1e9, flops]]
     return DeviceProfile(name="hand", device="cpu", dtype="float32", threads=1, assumed=True, bandwidth=bandwidth,
-                         elementwise=bandwidth / 4, op_overhead_s=overhead, gemm={"64x64": t}, sdpa=t, sdpa_decode=t)
+                         elementwise=bandwidth / 4, op_overhead_s=overhead, adamw_s_per_param=5e-9, gemm={"64x64": t}, sdpa=t, sdpa_decode=t)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,9 @@ def test_cost_model_by_hand_on_a_known_profile(tiny):
     assert mean.seconds == pytest.approx(sum(cm.decode_step([0] * L, 4 + t, batch=b).seconds for t in (1, 2, 3)) / 3)
     fwd = cm.prefill([0] * L, 8, batch=1, head_rows=8)
     train = cm.train_step([0] * L, 8, batch=1, trainable_params=1000)
-    assert train.seconds == pytest.approx(3 * fwd.seconds + 12 * 1000 * 4 / (bw / 4))
+    backward = sum(BACKWARD[part] * s for part, s in fwd.parts.items())
+    assert train.seconds == pytest.approx(fwd.seconds + backward + 1000 * 5e-9)
+    assert train.flops == 3 * fwd.flops and train.parts["optimizer"] == pytest.approx(5e-6)
     # on a GPU the launches overlap the kernels: the longer of the two, not the sum
     gpu = CostModel(fm, datasheet_profile("h100-sxm"), 2).decode_step([0] * L, c, batch=b)
     assert gpu.seconds == pytest.approx(max(gpu.parts["overhead"], sum(v for k, v in gpu.parts.items() if k != "overhead")))

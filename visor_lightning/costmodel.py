@@ -15,9 +15,8 @@ K/V repeated to every query head, as transformers' SDPA path does under a mask).
 * a fixed cost per framework op (``LAUNCHES_*`` ops per layer, counted with torch.profiler on the tiny model:
   ``tests/test_costmodel.py`` keeps them honest) x the profile's ``op_overhead_s``.
 
-A training step is the forward at ``head_rows = nt`` (loss on every text token), a backward of twice its GEMM and
-attention FLOPs and twice its memory traffic, and AdamW over the trainable parameters (``ADAMW_ACCESSES`` reads
-and writes of each parameter-sized tensor, at the elementwise rate). On a GPU the host's op launches overlap the
+A training step is the forward at ``head_rows = nt`` (loss on every text token), its backward (each part scaled by
+``BACKWARD``), and AdamW over the trained parameters at the profile's measured seconds per parameter. On a GPU the host's op launches overlap the
 kernels, so a pass costs max(kernels, launches) there instead of their sum. The formula is written out in
 docs/bench.md.
 """
@@ -39,8 +38,9 @@ LAUNCHES_PREFILL_LAYER = 110  # framework ops per host layer call in prefill (VI
 LAUNCHES_DECODE_LAYER = 64  # per host layer in one decode step (cache append, mask, RoPE, norms, ...)
 LAUNCHES_CA = 34  # per CA block call
 LAUNCHES_FIXED = 20  # per forward / decode step: embedding, rotary tables, final norm, head
-ADAMW_ACCESSES = 12  # parameter-sized reads + writes per AdamW step (p, grad, exp_avg, exp_avg_sq and temporaries)
-BACKWARD_FACTOR = 2.0  # backward FLOPs (and traffic) per forward FLOP: dX and dW per product
+# backward time per forward time, by part: GEMMs 2x (dX and dW, same shapes); attention 3x (the kernel recomputes
+# the scores, then four products); elementwise 3x (gradients plus the saved activations read back); launches 2x
+BACKWARD = {"gemm": 2.0, "attn": 3.0, "memory": 3.0, "overhead": 2.0}
 
 
 @dataclass
@@ -80,6 +80,13 @@ class Cost:
         out.parts = {k: v / n for k, v in out.parts.items()}
         return out
 
+    def scaled(self, factors: dict[str, float]) -> "Cost":
+        """This pass's parts each scaled by ``factors`` (the backward of a forward); FLOPs doubled."""
+        out = Cost(flops=2 * self.flops, bytes=self.bytes)
+        for part, s in self.parts.items():
+            out.add(part, factors[part] * s)
+        return out
+
     def overlap_launches(self) -> None:
         """On a GPU the host queues kernels while earlier ones run: a pass takes the longer of the two, not the sum."""
         over = self.parts.get("overhead", 0.0)
@@ -116,14 +123,14 @@ class CostModel:
             thr = self.profile.sdpa_flops(op.batch, op.rows, op.keys)
         return max(op.flops / thr, nbytes / self.profile.bandwidth), nbytes
 
-    def _price(self, ops: Sequence[Op], cost: Cost, decode: bool, factor: float = 1.0) -> None:
+    def _price(self, ops: Sequence[Op], cost: Cost, decode: bool) -> None:
         for op in ops:
             s, nbytes = self.op_seconds(op, decode)
-            cost.add(op.kind, factor * s, factor * op.flops, factor * nbytes)
+            cost.add(op.kind, s, op.flops, nbytes)
 
-    def _memory(self, cost: Cost, elements: float, factor: float = 1.0) -> None:
+    def _memory(self, cost: Cost, elements: float) -> None:
         """Memory-only work (elementwise ops, cache appends) at the profile's elementwise rate."""
-        nbytes = factor * elements * self.bpe
+        nbytes = elements * self.bpe
         cost.add("memory", nbytes / self.profile.elementwise, 0.0, nbytes)
 
     def _overhead(self, cost: Cost, launches: float) -> None:
@@ -135,18 +142,18 @@ class CostModel:
         return len(keys), ca
 
     def prefill(self, keys: Sequence[int], nt: int, *, batch: int = 1, ca_nv: int | None = None, routed: bool = False,
-                head_rows: int = 1, factor: float = 1.0) -> Cost:
-        """Prefill whose layer l runs over nt + keys[l] tokens (see ``FlopsModel.prefill_ops``); ``factor`` scales
-        it (the backward pass)."""
+                head_rows: int = 1, backward: bool = False) -> Cost:
+        """Prefill whose layer l runs over nt + keys[l] tokens (see ``FlopsModel.prefill_ops``); ``backward``: the
+        backward pass of that forward (each part scaled by ``BACKWARD``)."""
         cost = Cost()
         fm = self.fm
         ops = fm.prefill_ops(keys, nt, batch=batch, ca_nv=ca_nv, routed=routed, head_rows=head_rows)
-        self._price(ops, cost, decode=False, factor=factor)
+        self._price(ops, cost, decode=False)
         tokens = sum(batch * (nt + v) for v in keys)
-        self._memory(cost, tokens * (ACT_D * fm.d + ACT_M * fm.m), factor)
+        self._memory(cost, tokens * (ACT_D * fm.d + ACT_M * fm.m))
         layers, ca = self._layers(keys, ca_nv)
-        self._overhead(cost, factor * (layers * LAUNCHES_PREFILL_LAYER + ca * LAUNCHES_CA + LAUNCHES_FIXED))
-        return self._finish(cost)
+        self._overhead(cost, layers * LAUNCHES_PREFILL_LAYER + ca * LAUNCHES_CA + LAUNCHES_FIXED)
+        return self._finish(cost.scaled(BACKWARD) if backward else cost)
 
     def decode_step(self, keys: Sequence[int], context: int, *, batch: int = 1, ca_nv: int | None = None) -> Cost:
         """One generated token per sequence, ``context`` text tokens (itself included) before it."""
@@ -171,12 +178,10 @@ class CostModel:
 
     def train_step(self, keys: Sequence[int], nt: int, *, batch: int, trainable_params: int,
                    ca_nv: int | None = None) -> Cost:
-        """Forward (loss on every text token), backward (``BACKWARD_FACTOR`` x), and one AdamW step."""
+        """Forward (loss on every text token), its backward (``BACKWARD``), and one AdamW step."""
         cost = self.prefill(keys, nt, batch=batch, ca_nv=ca_nv, head_rows=nt)
-        backward = self.prefill(keys, nt, batch=batch, ca_nv=ca_nv, head_rows=nt, factor=BACKWARD_FACTOR)
-        nbytes = ADAMW_ACCESSES * trainable_params * self.bpe
-        cost.merge(backward)
-        cost.add("optimizer", nbytes / self.profile.elementwise, 0.0, nbytes)
+        cost.merge(self.prefill(keys, nt, batch=batch, ca_nv=ca_nv, head_rows=nt, backward=True))
+        cost.add("optimizer", trainable_params * self.profile.adamw_s_per_param)
         return cost
 
     # ---- helpers for the benches ------------------------------------------------------------------------

@@ -13,6 +13,7 @@ holds exactly what that needs and nothing else:
   and residuals, which on a CPU run well below copy bandwidth.
 * ``op_overhead_s``: the fixed cost of one small framework op (dispatch on CPU, launch on GPU); decoding at
   batch 1 runs thousands of them per token.
+* ``adamw_s_per_param``: one ``torch.optim.AdamW`` step over 32M parameters in 1M-element tensors, per parameter.
 
 Profiles are cached as JSON per machine, device and dtype under ``$VISOR_PROFILE_DIR`` (default
 ``~/.cache/visor/profiles``). A datasheet profile (``assumed: true``) flat-lines every table at the vendor's peak.
@@ -40,6 +41,7 @@ DATASHEETS: dict[str, dict[str, float]] = {
 }
 GEMM_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)  # M values timed (decode batches, text, SA layers)
 POOL_BYTES = 256 * 2**20  # larger than any last-level cache: weights timed cold, as a forward pass meets them
+ADAMW_ASSUMED_BYTES = 32  # per parameter: fp32 master weight, grad, two moments read, three written, bf16 copy
 ASSUMED_OP_OVERHEAD_S = 6e-6  # one eager CUDA kernel launch (assumed; CUDA graphs would remove most of it)
 
 Table = list[list[float]]  # [[x, flop_per_s], ...] sorted by x
@@ -55,6 +57,7 @@ class DeviceProfile:
     bandwidth: float  # bytes/s, copy (read + write both counted)
     elementwise: float  # bytes/s of silu(x) * y (read + write counted)
     op_overhead_s: float  # seconds per small op
+    adamw_s_per_param: float  # one torch.optim.AdamW step (foreach), seconds per parameter
     gemm: dict[str, Table] = field(default_factory=dict)  # "KxN" -> [[M, FLOP/s], ...]
     sdpa: Table = field(default_factory=list)  # [[B*nq*nk, FLOP/s], ...] for nq > 1
     sdpa_decode: Table = field(default_factory=list)  # [[B*nk, FLOP/s], ...] for one query row
@@ -92,7 +95,8 @@ class DeviceProfile:
         if d.get("version") != FORMAT_VERSION:
             raise ValueError(f"{source}: profile format version {d.get('version')!r}, this visor reads {FORMAT_VERSION}; "
                              "measure it again with `visor bench profile --force`")
-        missing = [k for k in ("name", "device", "dtype", "bandwidth", "elementwise", "op_overhead_s", "gemm", "sdpa", "sdpa_decode")
+        missing = [k for k in ("name", "device", "dtype", "bandwidth", "elementwise", "op_overhead_s", "adamw_s_per_param",
+                               "gemm", "sdpa", "sdpa_decode")
                    if k not in d]
         if missing:
             raise ValueError(f"{source}: profile lacks field(s) {missing}")
@@ -166,7 +170,7 @@ def datasheet_profile(name: str, dtype: str = "bfloat16") -> DeviceProfile:
     s = DATASHEETS[name]
     flat = [[1, s["flops"]], [1e12, s["flops"]]]
     return DeviceProfile(name=name, device="cuda", dtype=dtype, threads=0, assumed=True, bandwidth=s["bandwidth"],
-                         elementwise=s["bandwidth"],
+                         elementwise=s["bandwidth"], adamw_s_per_param=ADAMW_ASSUMED_BYTES / s["bandwidth"],
                          op_overhead_s=ASSUMED_OP_OVERHEAD_S, gemm={"1x1": flat}, sdpa=flat, sdpa_decode=flat,
                          memory_bytes=s["memory"], measured_at="datasheet")
 
@@ -225,8 +229,14 @@ def measure(device: str = "cpu", dtype: str = "float32", *, shapes: Sequence[tup
     reps = 200
     t = _median_time(lambda: [small.add(1.0) for _ in range(reps)], sync, 0.3)
     op_overhead = t / reps
+    params = [torch.nn.Parameter(rand(2**20).float()) for _ in range(32)]
+    for p_ in params:
+        p_.grad = torch.randn_like(p_)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    adamw = _median_time(opt.step, sync, 1.0) / (32 * 2**20)
+    del params, opt
     say(f"bandwidth {bandwidth / 1e9:.1f} GB/s (copy), {elementwise / 1e9:.1f} GB/s (elementwise), "
-        f"{op_overhead * 1e6:.1f} us per op")
+        f"{op_overhead * 1e6:.1f} us per op, AdamW {adamw * 1e9:.1f} ns per parameter")
 
     per_point = budget_s / 15  # seconds any one measured point may take
     gemm: dict[str, Table] = {}
@@ -291,7 +301,7 @@ def measure(device: str = "cpu", dtype: str = "float32", *, shapes: Sequence[tup
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine() or "cpu")
     return DeviceProfile(name=f"{platform.node()}: {name}", device=dev.type, dtype=dtype,
                          threads=torch.get_num_threads() if dev.type == "cpu" else 0, assumed=False,
-                         bandwidth=bandwidth, elementwise=elementwise, op_overhead_s=op_overhead, gemm=gemm, sdpa=sdpa, sdpa_decode=sdpa_decode,
+                         bandwidth=bandwidth, elementwise=elementwise, op_overhead_s=op_overhead, adamw_s_per_param=adamw, gemm=gemm, sdpa=sdpa, sdpa_decode=sdpa_decode,
                          memory_bytes=float(torch.cuda.get_device_properties(dev).total_memory) if dev.type == "cuda" else None,
                          head_dim=head_dim, measured_at=time.strftime("%Y-%m-%d %H:%M"), seconds=time.perf_counter() - t0)
 
