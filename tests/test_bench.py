@@ -42,6 +42,7 @@ def test_bench_rows_against_the_flops_model(capsys, kind, tmp_path):
     names = [r["config"] for r in res["rows"]]
     assert names[:3] == ["dense", "sa[0]", "sa[0,3]"] and len(names) == 5 and names[3].startswith("fastv(k=1,")
     rows = {r["config"]: r for r in res["rows"]}
+    assert res["machine_speed_vs_profile"] > 0  # the probe ran against the given profile
     cm = CostModel(fm, DeviceProfile.load(prof), 4)
     dense_cm = CostModel(dense, DeviceProfile.load(prof), 4)
     for r in res["rows"]:

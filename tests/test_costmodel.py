@@ -225,7 +225,7 @@ def test_bench_serve_arithmetic(tiny, capsys):
     g = res["grids"][1]
     rows = {r["config"]: r for r in g["rows"]}
     assert list(rows) == ["dense", "sa[0]", "sa[0,3]"]
-    cm = CostModel(fm, datasheet_profile("h100-sxm"), 2, cat_appends=False)
+    cm = CostModel(fm, datasheet_profile("h100-sxm"), 2, cat_appends=False, decode_launches=False)
     nv, ctx = g["visual_tokens"], 64 + 256 // 2
     for name, active in (("dense", None), ("sa[0]", (0,)), ("sa[0,3]", (0, 3))):
         r = rows[name]
@@ -233,7 +233,7 @@ def test_bench_serve_arithmetic(tiny, capsys):
         assert r["kv_bytes_per_sequence"] == r["visual_kv_bytes"] + 6 * (64 + 256) * 2 * 32 * 2
         assert r["max_batch"] == int((0.05e9 - r["weight_bytes"]) // r["kv_bytes_per_sequence"]) > 0
         model = cm if active else CostModel(FlopsModel(sec.backbone, LayerSchedule.dense(6)), datasheet_profile("h100-sxm"), 2,
-                                            cat_appends=False)
+                                            cat_appends=False, decode_launches=False)
         step = model.decode_step(fm.visual_keys(active, nv), ctx, batch=32, ca_nv=nv if active else None)
         assert r["decode_tokens_per_s"]["32"] == pytest.approx(32 / step.seconds)
         assert r["ttft_ms"] > r["prefill_ms"] > 0

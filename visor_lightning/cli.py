@@ -136,6 +136,8 @@ def _add_bench_parsers(sub) -> None:
     sv.add_argument("--memory-gb", type=float, default=None, help="device memory (default: the profile's)")
     sv.add_argument("--bytes-per-element", type=positive, default=2, help="weights and KV (default 2: bf16)")
     sv.add_argument("--token-pool", type=positive, default=None, help="VISOR-TR pooling factor (default: the config's)")
+    sv.add_argument("--eager-decode", action="store_true",
+                    help="price a launch per op in decode steps (default: steps replayed as CUDA graphs)")
     sv.add_argument("--json", action="store_true", help="print JSON instead of tables")
     tr = bsub.add_parser("train", help="one training step (fwd + bwd + AdamW): dense vs universal per configuration",
                          description="Time a full training step of dense full fine-tune and of the universal stage at "
@@ -236,7 +238,7 @@ def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
         prof = get_profile("cuda", "bfloat16", args.profile)
         mem = args.memory_gb * 1e9 if args.memory_gb is not None else None
         tables = [serve_rows(section, prof, grid(g.strip()), text_tokens=args.text_tokens, output_tokens=args.output_tokens,
-                             memory_bytes=mem, bytes_per_element=args.bytes_per_element)
+                             memory_bytes=mem, bytes_per_element=args.bytes_per_element, eager_decode=args.eager_decode)
                   for g in args.grids.split(",") if g.strip()]
         res = {"config": args.config, "profile": prof.describe(), "schedule": section.schedule.describe(), "grids": tables}
         text = f"predicted on {prof.describe()}\nschedule {res['schedule']}\n\n" + "\n\n".join(serve_md(t) for t in tables)

@@ -96,10 +96,13 @@ class Cost:
 class CostModel:
     """Time of prefill, decode and training steps for one backbone and schedule on one device profile."""
 
-    def __init__(self, fm: FlopsModel, profile: DeviceProfile, bytes_per_element: int = 4, cat_appends: bool = True) -> None:
+    def __init__(self, fm: FlopsModel, profile: DeviceProfile, bytes_per_element: int = 4, cat_appends: bool = True,
+                 decode_launches: bool = True) -> None:
         """``cat_appends``: decoding copies each layer's cache to append a token (``VisorCache``, torch.cat); False
-        prices an engine that writes the new K/V in place (paged attention), as ``visor bench serve`` does."""
-        self.fm, self.profile, self.bpe, self.cat_appends = fm, profile, bytes_per_element, cat_appends
+        prices an engine that writes the new K/V in place (paged attention). ``decode_launches=False`` prices a
+        decode step replayed as one CUDA graph (no per-op launch cost). ``visor bench serve`` sets both to False."""
+        self.fm, self.profile, self.bpe = fm, profile, bytes_per_element
+        self.cat_appends, self.decode_launches = cat_appends, decode_launches
         t = fm.spec.text
         self.heads, self.head_dim = t.num_heads, t.head_dim
 
@@ -164,7 +167,8 @@ class CostModel:
         if self.cat_appends:
             self._memory(cost, batch * 2 * cached * 2 * fm.d_kv)  # torch.cat copies the whole cache into fresh memory
         layers, ca = self._layers(keys, ca_nv)
-        self._overhead(cost, layers * LAUNCHES_DECODE_LAYER + ca * LAUNCHES_CA + LAUNCHES_FIXED)
+        if self.decode_launches:
+            self._overhead(cost, layers * LAUNCHES_DECODE_LAYER + ca * LAUNCHES_CA + LAUNCHES_FIXED)
         return self._finish(cost)
 
     def _finish(self, cost: Cost) -> Cost:

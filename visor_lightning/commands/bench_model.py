@@ -25,6 +25,21 @@ from visor_lightning.models.schedule import LayerSchedule, config_name
 PROMPT_BEFORE = 14  # text tokens in front of the image (system prompt + user turn start), the rest follow it
 
 
+def speed_probe(prof: DeviceProfile, d: int, m: int, dev: torch.device, dt: torch.dtype,
+                timer: Callable[[Callable[[], Any]], float]) -> Callable[[], float]:
+    """A 256-row GEMM of the model's MLP shape, timed before every round: its throughput over the profile's at the
+    same point says how fast the (shared) machine runs now compared to when the profile was measured."""
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(m, d, generator=g).to(dev, dt), torch.randn(256, d, generator=g).to(dev, dt)
+    ref = prof.gemm_flops(256, d, m)
+
+    def probe() -> float:
+        t = statistics.median(timer(lambda: torch.nn.functional.linear(x, w)) for _ in range(5))
+        return 2 * 256 * d * m / t / ref
+
+    return probe
+
+
 def build_lms(section, device: torch.device, dtype: torch.dtype):
     """The host LLM (random Qwen2 of the config's shapes) under the VISOR schedule and under the dense one;
     both share the same decoder layers, so every row runs the same weights."""
@@ -137,8 +152,11 @@ def run_bench(kind: str, section, work: Workload, *, batch: int = 1, repeats: in
         return timer(lambda: [lm.decode_step(nxt, cache) for _ in range(steps)]) / steps
 
     times: dict[str, list[float]] = {r["config"]: [] for r in rows}
+    probe = speed_probe(prof, spec.text.hidden_size, spec.text.intermediate_size, dev, dt, timer)
+    speeds: list[float] = []
     with torch.inference_mode():
         for rnd in range(warmup + repeats):
+            speeds.append(probe())
             for r in rows:
                 t = once(r)
                 if rnd >= warmup:
@@ -162,7 +180,7 @@ def run_bench(kind: str, section, work: Workload, *, batch: int = 1, repeats: in
             row.update(tokens_per_s=batch / t, visual_kv_bytes=r["kv"], measured_visual_kv_bytes=r["measured_kv"])
         out_rows.append(row)
     return dict(kind=kind, device=str(dev), dtype=str(dt).removeprefix("torch."), threads=torch.get_num_threads(),
-                profile=prof.describe(),
+                profile=prof.describe(), machine_speed_vs_profile=statistics.median(speeds),
                 batch=batch, repeats=repeats, text_tokens=nt, visual_tokens=nv, dense_visual_tokens=nv_dense,
                 token_pool=spec.token_pool, decode_tokens=steps,
                 schedule=sch.describe(), rows=out_rows)
@@ -180,7 +198,8 @@ def markdown(res: dict[str, Any]) -> str:
                      f"{r['analytic_ratio']:.2f}x | {r['measured_over_analytic']:.2f} |")
     worst = max(res["rows"], key=lambda r: abs(r["measured_over_predicted"] - 1))
     lines.append(f"\nworst measured / predicted: {worst['measured_over_predicted']:.2f} ({worst['config']}); "
-                 f"profile: {res['profile']}")
+                 f"profile: {res['profile']}; the machine ran at {res['machine_speed_vs_profile']:.2f}x the profile's "
+                 "speed (a 256-row GEMM timed each round)")
     return "\n".join(lines)
 
 
