@@ -49,6 +49,7 @@ def test_bench_rows_against_the_flops_model(capsys, kind, tmp_path):
         assert r["median_ms"] > 0 and r["median_ms"] >= r["min_ms"]
         assert r["measured_over_analytic"] == pytest.approx(r["measured_speedup"] / r["analytic_ratio"])
         assert r["measured_over_predicted"] == pytest.approx(r["median_ms"] / r["predicted_ms"])
+        assert r["min_over_predicted"] == pytest.approx(r["min_ms"] / r["predicted_ms"])
         assert sum(r["predicted_parts_ms"].values()) == pytest.approx(r["predicted_ms"])
     for name, model, keys, ca in (("dense", dense_cm, fm.visual_keys(None, nv), None), ("sa[0,3]", cm, fm.visual_keys((0, 3), nv), nv)):
         expect = (model.prefill(keys, nt, ca_nv=ca) if kind == "prefill" else model.decode(keys, nt, 3, ca_nv=ca)).ms
@@ -76,7 +77,7 @@ def test_bench_table_and_pooling(capsys, tmp_path):
     assert main(["bench", "prefill", "--config", TINY, "--repeats", "1", "--warmup", "0", "--token-pool", "4",
                  "--out", str(out), "--profile", _profile(tmp_path)]) == 0
     text = capsys.readouterr().out
-    assert ("| config | SA layers | median ms | predicted ms | measured / predicted | measured speed-up "
+    assert ("| config | SA layers | median ms | predicted ms | measured / predicted | min / predicted | measured speed-up "
             "| analytic FLOPs ratio | measured / analytic |") in text
     assert "worst measured / predicted: " in text and "profile: test cpu float32 (ASSUMED" in text
     res = json.loads(out.read_text())
