@@ -80,7 +80,7 @@ def test_cost_model_by_hand_on_a_known_profile(tiny):
     attn_flops, attn_bytes = b * 4 * c * d, 4 * (2 * b * d + b * c * 2 * kv + b * c / 4)
     t_attn = L * max(attn_flops / thr, attn_bytes / bw)
     t_head = max(2 * b * d * V / thr, 4 * (d * V + b * d + b * V) / bw)
-    t_mem = 4 * b * (L * (ACT_D * d + ACT_M * m) + 2 * L * (c - 1) * 2 * kv) / (bw / 4)
+    t_mem = 4 * b * L * (ACT_D * d + ACT_M * m) / (bw / 4) + 4 * b * 2 * L * (c - 1) * 2 * kv / bw
     t_over = (L * LAUNCHES_DECODE_LAYER + LAUNCHES_FIXED) * ov
     assert step.seconds == pytest.approx(t_gemm + t_attn + t_head + t_mem + t_over, rel=1e-12)
     assert step.parts["overhead"] == pytest.approx(t_over) and step.flops == total_flops(fm.decode_ops([0] * L, c, batch=b))

@@ -70,8 +70,11 @@ def test_every_json_command_writes_one_document(capfd, demo_data):
     assert _json(capfd, ["flops", "--config", tiny, "--json"])["rows"][0]["config"] == "dense"
     assert _json(capfd, ["sizing", "--json"])["rows"]
     assert _json(capfd, ["data", "verify", "--dir", str(demo_data), "--split", "easy_dev", "--json"])["ok"]
-    res = _json(capfd, ["bench", "prefill", "--config", tiny, "--repeats", "1", "--warmup", "0", "--json"])
+    res = _json(capfd, ["bench", "prefill", "--config", tiny, "--repeats", "1", "--warmup", "0", "--json",
+                        "--profile", "h100-sxm"])  # an assumed profile: measuring one is tested in test_costmodel
     assert res["rows"][0]["config"] == "dense"
+    assert _json(capfd, ["bench", "serve", "--config", tiny, "--grids", "1x1", "--json"])["grids"][0]["rows"]
+    assert _json(capfd, ["bench", "profile", "--datasheet", "a100-sxm-80gb", "--json"])["assumed"]
 
 
 @pytest.mark.slow

@@ -269,7 +269,7 @@ def _cmd_bench_profile(args: argparse.Namespace, out: TextIO) -> int:
     dtype = args.dtype or ("bfloat16" if dev == "cuda" else "float32")
     if args.datasheet:
         prof = datasheet_profile(args.datasheet, dtype)
-        path = prof.save(args.out or default_path(args.datasheet, dtype))
+        path = prof.save(args.out or default_path(dev, dtype).with_name(f"datasheet-{args.datasheet}-{dtype}.json"))
     elif args.out:
         from .devprofile import measure
 

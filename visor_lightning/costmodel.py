@@ -10,8 +10,8 @@ K/V repeated to every query head, as transformers' SDPA path does under a mask).
 
 * memory-only work: norms, RoPE, residual adds, SwiGLU's elementwise product, VISOR's stream gather/scatter
   (``ACT_D`` x d + ``ACT_M`` x m elements per token) at the profile's elementwise rate, and in decoding the cache
-  append, which copies the layer's whole K/V (``torch.cat`` into freshly allocated memory, so at the elementwise
-  rate rather than copy bandwidth) every step;
+  append, which copies the layer's whole K/V (``torch.cat``) every step, at copy bandwidth (measured once the
+  allocator has settled: a first step into freshly mapped memory runs 3-4x slower, page faults included);
 * a fixed cost per framework op (``LAUNCHES_*`` ops per layer, counted with torch.profiler on the tiny model:
   ``tests/test_costmodel.py`` keeps them honest) x the profile's ``op_overhead_s``.
 
@@ -131,10 +131,10 @@ class CostModel:
             s, nbytes = self.op_seconds(op, decode)
             cost.add(op.kind, s, op.flops, nbytes)
 
-    def _memory(self, cost: Cost, elements: float) -> None:
-        """Memory-only work (elementwise ops, cache appends) at the profile's elementwise rate."""
+    def _memory(self, cost: Cost, elements: float, copy: bool = False) -> None:
+        """Memory-only work: elementwise ops at the profile's elementwise rate, plain copies at its bandwidth."""
         nbytes = elements * self.bpe
-        cost.add("memory", nbytes / self.profile.elementwise, 0.0, nbytes)
+        cost.add("memory", nbytes / (self.profile.bandwidth if copy else self.profile.elementwise), 0.0, nbytes)
 
     def _overhead(self, cost: Cost, launches: float) -> None:
         cost.add("overhead", launches * self.profile.op_overhead_s)
@@ -164,8 +164,8 @@ class CostModel:
         self._price(fm.decode_ops(keys, context, batch=batch, ca_nv=ca_nv), cost, decode=True)
         cached = sum(context - 1 + v for v in keys)  # keys already in each layer's cache
         self._memory(cost, batch * len(keys) * (ACT_D * fm.d + ACT_M * fm.m))
-        if self.cat_appends:
-            self._memory(cost, batch * 2 * cached * 2 * fm.d_kv)  # torch.cat copies the whole cache into fresh memory
+        if self.cat_appends:  # torch.cat copies the whole cache: a plain copy once the allocator has settled
+            self._memory(cost, batch * 2 * cached * 2 * fm.d_kv, copy=True)
         layers, ca = self._layers(keys, ca_nv)
         if self.decode_launches:
             self._overhead(cost, layers * LAUNCHES_DECODE_LAYER + ca * LAUNCHES_CA + LAUNCHES_FIXED)

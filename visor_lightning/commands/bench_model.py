@@ -184,7 +184,7 @@ def run_bench(kind: str, section, work: Workload, *, batch: int = 1, repeats: in
             row.update(tokens_per_s=batch / t, visual_kv_bytes=r["kv"], measured_visual_kv_bytes=r["measured_kv"])
         out_rows.append(row)
     return dict(kind=kind, device=str(dev), dtype=str(dt).removeprefix("torch."), threads=torch.get_num_threads(),
-                profile=prof.describe(), machine_speed_vs_profile=statistics.median(speeds),
+                profile=prof.describe(), machine_speed_vs_profile=statistics.median(speeds), machine_speed_by_round=speeds,
                 batch=batch, repeats=repeats, text_tokens=nt, visual_tokens=nv, dense_visual_tokens=nv_dense,
                 token_pool=spec.token_pool, decode_tokens=steps,
                 schedule=sch.describe(), rows=out_rows)
