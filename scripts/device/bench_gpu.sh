@@ -2,7 +2,7 @@
 # The device check of docs/bench.md, as one script for a lent GPU (run by the `run` tool from the repository root):
 # profile, prefill, decode and train benches in bf16 at the LLaVA-OV 0.5B shapes, JSON into $OUT (default runs/gpu).
 # About 5 minutes on an H100-class GPU. CONFIG, DEVICE and DTYPE override the defaults (CONFIG=experiments/debug/tiny.yaml
-# DEVICE=cpu DTYPE=float32 checks the script itself in seconds).
+# DEVICE=cpu DTYPE=float32 checks the script itself in about two minutes).
 set -euo pipefail
 OUT="${OUT:-runs/gpu}"
 CONFIG="${CONFIG:-experiments/llava_ov_0.5b/model.yaml}"
