@@ -103,8 +103,6 @@ class CostModel:
         decode step replayed as one CUDA graph (no per-op launch cost). ``visor bench serve`` sets both to False."""
         self.fm, self.profile, self.bpe = fm, profile, bytes_per_element
         self.cat_appends, self.decode_launches = cat_appends, decode_launches
-        t = fm.spec.text
-        self.heads, self.head_dim = t.num_heads, t.head_dim
 
     # ---- one op -----------------------------------------------------------------------------------------
     def op_bytes(self, op: Op, decode: bool) -> float:
