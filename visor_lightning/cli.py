@@ -202,15 +202,19 @@ def _write_and_show(args: argparse.Namespace, res: dict, text: str, out: TextIO)
     return 0
 
 
+def _bench_device(args: argparse.Namespace) -> tuple[str, str]:
+    """(device type, dtype name) a bench command runs at, with the benches' defaults."""
+    from .commands.bench_model import resolve_device
+
+    dev, dt = resolve_device(args.device, args.dtype)
+    return dev.type, str(dt).removeprefix("torch.")
+
+
 def _bench_profile(args: argparse.Namespace):
     """The --profile of a bench command: a file, a datasheet GPU, or (None) this machine's cached profile."""
-    import torch
-
     from .devprofile import get_profile
 
-    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).type
-    dtype = args.dtype or ("bfloat16" if dev == "cuda" else "float32")
-    return get_profile(dev, dtype, args.profile, progress=None if args.json else print)
+    return get_profile(*_bench_device(args), args.profile, progress=None if args.json else print)
 
 
 def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
@@ -227,14 +231,9 @@ def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
         return _cmd_bench_profile(args, out)
     if args.bench_command == "serve":
         from .commands.bench_serve import markdown as serve_md, serve_rows
-        from .config import load_model_section
         from .devprofile import get_profile
 
-        section = load_model_section(args.config)
-        if args.token_pool is not None:
-            from dataclasses import replace
-
-            section.backbone = replace(section.backbone, token_pool=args.token_pool)
+        section = _section(args)
         prof = get_profile("cuda", "bfloat16", args.profile)
         mem = args.memory_gb * 1e9 if args.memory_gb is not None else None
         tables = [serve_rows(section, prof, grid(g.strip()), text_tokens=args.text_tokens, output_tokens=args.output_tokens,
@@ -261,12 +260,9 @@ def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_bench_profile(args: argparse.Namespace, out: TextIO) -> int:
-    import torch
-
     from .devprofile import datasheet_profile, default_path, get_profile
 
-    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).type
-    dtype = args.dtype or ("bfloat16" if dev == "cuda" else "float32")
+    dev, dtype = _bench_device(args)
     if args.datasheet:
         prof = datasheet_profile(args.datasheet, dtype)
         path = prof.save(args.out or default_path(dev, dtype).with_name(f"datasheet-{args.datasheet}-{dtype}.json"))
@@ -285,17 +281,24 @@ def _cmd_bench_profile(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def _section_and_workload(args: argparse.Namespace):
-    """The config's model section (with ``--token-pool`` applied) and the token workload of the arguments."""
+def _section(args: argparse.Namespace):
+    """The config's model section with ``--token-pool`` applied."""
     from dataclasses import replace
 
     from .config import load_model_section
-    from .flops import Workload
 
     section = load_model_section(args.config)
     if args.token_pool is not None:
         section.backbone = replace(section.backbone, token_pool=args.token_pool)
         section.backbone.pool_shape  # a bad factor fails here, naming backbone.token_pool
+    return section
+
+
+def _section_and_workload(args: argparse.Namespace):
+    """The config's model section (with ``--token-pool`` applied) and the token workload of the arguments."""
+    from .flops import Workload
+
+    section = _section(args)
     work = Workload(
         text_tokens=args.text_tokens, visual_tokens=args.visual_tokens, grid=args.grid,
         decode_tokens=args.decode_tokens, bytes_per_element=args.kv_bytes,

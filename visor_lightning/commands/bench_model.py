@@ -25,6 +25,12 @@ from visor_lightning.models.schedule import LayerSchedule, config_name
 PROMPT_BEFORE = 14  # text tokens in front of the image (system prompt + user turn start), the rest follow it
 
 
+def resolve_device(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    """The benches' defaults: CUDA when present, in bf16 there and fp32 on a CPU."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return dev, getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+
+
 def speed_probe(prof: DeviceProfile, d: int, m: int, dev: torch.device, dt: torch.dtype,
                 timer: Callable[[Callable[[], Any]], float]) -> Callable[[], float]:
     """A 256-row GEMM of the model's MLP shape, timed before every round: its throughput over the profile's at the
@@ -90,8 +96,7 @@ def run_bench(kind: str, section, work: Workload, *, batch: int = 1, repeats: in
 
     if kind not in ("prefill", "decode"):
         raise ValueError(f"bench kind must be prefill or decode, got {kind!r}")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dt = getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    dev, dt = resolve_device(device, dtype)
     spec, sch = section.backbone, section.schedule
     nt, nv = work.text_tokens, work.resolve_visual(spec)
     nv_dense = work.resolve_visual(replace(spec, token_pool=1))  # VISOR-TR rows race the unpooled dense model
@@ -217,4 +222,4 @@ def bench_spec_note(res: dict[str, Any]) -> str:
             + f", median of {res['repeats']} rounds; schedule {res['schedule']}")
 
 
-__all__ = ["bench_spec_note", "build_lms", "markdown", "run_bench"]
+__all__ = ["bench_spec_note", "build_lms", "markdown", "resolve_device", "run_bench"]

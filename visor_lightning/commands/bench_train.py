@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from visor_lightning.commands.bench_model import _timer, build_lms, make_inputs
+from visor_lightning.commands.bench_model import _timer, build_lms, make_inputs, resolve_device
 from visor_lightning.costmodel import CostModel
 from visor_lightning.devprofile import DeviceProfile, get_profile
 from visor_lightning.flops import FlopsModel, Workload
@@ -25,8 +25,7 @@ from visor_lightning.models.schedule import LayerSchedule, config_name
 def run_train_bench(section, work: Workload, *, batch: int = 1, repeats: int = 2, warmup: int = 1,
                     device: str | None = None, dtype: str | None = None, progress: bool = True,
                     profile: DeviceProfile | None = None) -> dict[str, Any]:
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dt = getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    dev, dt = resolve_device(device, dtype)
     spec, sch = section.backbone, section.schedule
     nt, nv = work.text_tokens, work.resolve_visual(spec)
     nv_dense = work.resolve_visual(replace(spec, token_pool=1))
