@@ -15,19 +15,22 @@ def builder_args(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("command", "data_command", "no_progress", "version")}
 
 
-def image_fingerprints(out: str, split: str) -> frozenset[str]:
-    """The images of an already built split in ``out`` (an evaluation split built with ``--exclude-images-of``
-    train reuses none of them: held-out means held-out, even where a generator could repeat itself)."""
+def image_fingerprints(out: str, splits: str) -> frozenset[str]:
+    """The images of already built splits in ``out`` (comma-separated: an evaluation split built with
+    ``--exclude-images-of train,align`` reuses none of them: held-out means held-out, even where a generator could
+    repeat itself)."""
     from .schema import SkipStats
     from .shards import manifest_path, split_urls
     from .images import image_fingerprint
     from .streams import read_samples
 
-    if not manifest_path(out, split).is_file():
-        raise FileNotFoundError(f"--exclude-images-of {split}: build that split in {out} first (no manifest)")
-    found = frozenset(image_fingerprint(ex.image) for ex in read_samples(split_urls(out, split), SkipStats()))
-    print(f"synthetic: excluding the {len(found)} distinct images of {split}")
-    return found
+    found: set[str] = set()
+    for split in (s.strip() for s in splits.split(",") if s.strip()):
+        if not manifest_path(out, split).is_file():
+            raise FileNotFoundError(f"--exclude-images-of {split}: build that split in {out} first (no manifest)")
+        found |= {image_fingerprint(ex.image) for ex in read_samples(split_urls(out, split), SkipStats())}
+    print(f"synthetic: excluding the {len(found)} distinct images of {splits}")
+    return frozenset(found)
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -46,7 +49,7 @@ def run_build(args: argparse.Namespace) -> int:
     else:
         exclude = image_fingerprints(args.out, args.exclude_images_of) if args.exclude_images_of else frozenset()
         cfg = SyntheticConfig(image_size=args.image_size, tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
-                              turns=args.turns, exclude=exclude)
+                              turns=args.turns, describe=args.describe, exclude=exclude)
         total, items = synthetic_items(args.split, args.seed, args.max_samples or 1000, cfg)
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw, ImageFont
 
 from .images import image_fingerprint
-from .scenes import SCENE_TASKS, family, make_scene
+from .scenes import DESCRIBE, SCENE_TASKS, family, make_scene
 from .schema import IMAGE_PLACEHOLDER
 
 DOCUMENT_TASKS = ("read", "count", "chart")  # hard, text-rich pages (large canvases)
@@ -31,6 +31,7 @@ class SyntheticConfig:
     max_count: int = 9
     num_bars: int = 5
     turns: int = 1  # questions per image (a multi-turn sample)
+    describe: bool = False  # scene tasks: one turn, "Describe the image." -> the scene's description (alignment data)
     exclude: frozenset[str] = frozenset()  # image fingerprints (e.g. a training split's) this split must not reuse
 
     def __post_init__(self) -> None:
@@ -41,6 +42,8 @@ class SyntheticConfig:
             raise ValueError(f"synthetic image_size must be >= 32, got {self.image_size}")
         if not 1 <= self.max_count <= 20 or not 2 <= self.num_bars <= 8 or self.turns < 1:
             raise ValueError("synthetic max_count must be in 1..20, num_bars in 2..8, turns >= 1")
+        if self.describe and set(self.tasks) - set(SCENE_TASKS):
+            raise ValueError(f"synthetic describe: only scene tasks {SCENE_TASKS} have descriptions, got {list(self.tasks)}")
 
 
 def _rng(seed: int, split: str, index: int) -> random.Random:
@@ -119,7 +122,9 @@ def _chart(rng: random.Random, s: int, num_bars: int) -> tuple[Image.Image, QA]:
 
 def _image(task: str, rng: random.Random, cfg: SyntheticConfig) -> tuple[Image.Image, QA]:
     if task in SCENE_TASKS:
-        img, qa = make_scene(task, rng, cfg.image_size)
+        img, qa, caption = make_scene(task, rng, cfg.image_size)
+        if cfg.describe:
+            qa = [(DESCRIBE, caption)]
     elif task == "read":
         img, qa = _read(rng, cfg.image_size)
     elif task == "count":

@@ -142,6 +142,27 @@ def test_cli_build_errors(tmp_path, capsys):
     assert "train-manifest.json does not exist" in capsys.readouterr().err
 
 
+def test_cli_builds_descriptions_held_out_from_two_splits(tmp_path, capsys):
+    """Alignment data from the CLI, and an evaluation split that reuses no image of either of two built splits."""
+    from visor_lightning.data.images import image_fingerprint
+    from visor_lightning.data.scenes import DESCRIBE
+
+    out = str(tmp_path)
+    common = ["--source", "synthetic", "--out", out, "--image-size", "32", "--tasks", "shape", "--shard-size", "400",
+              "--no-progress"]
+    assert main(["data", "build", *common, "--split", "align", "--describe", "--max-samples", "300", "--seed", "1"]) == 0
+    assert main(["data", "build", *common, "--split", "train", "--max-samples", "300", "--seed", "2"]) == 0
+    assert main(["data", "build", *common, "--split", "test", "--max-samples", "300", "--seed", "3",
+                 "--exclude-images-of", "align,train"]) == 0
+    assert "excluding the" in capsys.readouterr().out
+    read = {s: list(read_samples(split_urls(out, s), SkipStats())) for s in ("align", "train", "test")}
+    assert {ex.conv.turns[0][1] for ex in read["align"]} == {f"<image>\n{DESCRIBE}"}
+    seen = {image_fingerprint(ex.image) for s in ("align", "train") for ex in read[s]}
+    assert not seen & {image_fingerprint(ex.image) for ex in read["test"]}
+    assert main(["data", "build", *common, "--split", "x", "--exclude-images-of", "align,nope"]) == 2
+    assert "--exclude-images-of nope" in capsys.readouterr().err
+
+
 def test_build_counts_go_to_the_active_mlflow_run(tmp_path):
     import mlflow
     from mlflow.tracking import MlflowClient

@@ -62,3 +62,35 @@ def test_an_evaluation_split_redraws_excluded_images():
     excluded = frozenset(image_fingerprint(img) for img in first)
     again = [make_sample(SyntheticConfig(image_size=32, tasks=("shape",), exclude=excluded), 0, "x", i)[1] for i in range(20)]
     assert not {image_fingerprint(img) for img in again} & excluded
+
+
+def test_descriptions_name_what_the_pixels_show():
+    """Alignment data: one constant prompt, and a description that lists every cell (grids) or the shape's colour,
+    kind and background, drawn from the same image the questions of that sample would ask about."""
+    from visor_lightning.data.scenes import DESCRIBE
+
+    tasks = ("shape", "tally", "locate", "beside")
+    for i in range(24):
+        rec, img = make_sample(SyntheticConfig(image_size=32, tasks=tasks, describe=True), 0, "t", i)
+        _, same = make_sample(SyntheticConfig(image_size=32, tasks=tasks, turns=2), 0, "t", i)
+        assert image_fingerprint(img) == image_fingerprint(same)
+        (q, a) = rec["conversations"]
+        assert q["value"] == f"<image>\n{DESCRIBE}"
+        words = a["value"].split()
+        if rec["task"] == "shape":
+            colour, kind, on, ground = words
+            assert on == "on" and NAMES[img.getpixel((0, 0))] == ground and kind in ("circle", "square", "triangle")
+            assert Counter(img.getdata())[PALETTE[colour]] > 0
+        else:
+            said = {}
+            for item in a["value"].split("; "):
+                m = re.fullmatch(r"row (\d), column (\d): (\w+)", item)
+                said[(int(m[1]) - 1, int(m[2]) - 1)] = m[3]
+            assert said == {pos: name for pos, name in _cells(img).items() if name}
+
+
+def test_descriptions_are_for_scenes_only():
+    import pytest
+
+    with pytest.raises(ValueError, match="describe"):
+        SyntheticConfig(image_size=64, tasks=("read",), describe=True)

@@ -50,8 +50,10 @@ def add_data_build_args(b: argparse.ArgumentParser) -> None:
     b.add_argument("--easy-vqa-split", choices=["train", "test"], default=None,
                    help="easy-vqa: which of its splits to read (default: train if the split name contains 'train')")
     b.add_argument("--exclude-images-of", default=None, metavar="SPLIT",
-                   help="synthetic: never reuse an image of this split (already built in --out), e.g. train for a test split")
+                   help="synthetic: never reuse an image of these splits (comma-separated, already built in --out), e.g. train for a test split")
     b.add_argument("--turns", type=positive, default=1, help="easy-vqa/synthetic: questions per image in one multi-turn sample")
+    b.add_argument("--describe", action="store_true",
+                   help='synthetic scene tasks: "Describe the image." -> the scene\'s description, one turn (alignment data)')
     b.add_argument("--max-pixels", type=positive, default=64_000_000, help="skip images with more pixels (default 64M)")
     b.add_argument("--strict", action="store_true", help="raise on the first bad sample instead of skipping it")
     b.add_argument("--overwrite", action="store_true", help="replace an existing split in --out")
