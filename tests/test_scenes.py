@@ -65,8 +65,8 @@ def test_an_evaluation_split_redraws_excluded_images():
 
 
 def test_descriptions_name_what_the_pixels_show():
-    """Alignment data: one constant prompt, and a description that lists every cell (grids) or the shape's colour,
-    kind and background, drawn from the same image the questions of that sample would ask about."""
+    """Alignment data: one constant prompt, and a description that names every square with its position (grids)
+    or the shape's colour, kind and background, of the same image the questions of that sample would ask about."""
     from visor_lightning.data.scenes import DESCRIBE
 
     tasks = ("shape", "tally", "locate", "beside")
