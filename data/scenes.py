@@ -10,6 +10,9 @@ scores chance (the "question-only baseline"); only the image can do better.
   ``tally`` how many squares of a colour; ``locate`` the colour at a named row and column; ``beside`` the
   colour of the square next to a uniquely coloured one. ``beside`` and ``tally`` need several visual tokens
   combined; ``locate`` needs the position of a token.
+
+Every scene also has a description for alignment data (``visor data build --describe``: one constant prompt, so
+only the image can lower the loss).
 """
 
 from __future__ import annotations
