@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+import pytest
+
 from visor_lightning.data.scenes import BACKGROUND, CELL, PALETTE
 from visor_lightning.data.images import image_fingerprint
 from visor_lightning.data.synthetic import SyntheticConfig, make_sample
@@ -90,7 +92,5 @@ def test_descriptions_name_what_the_pixels_show():
 
 
 def test_descriptions_are_for_scenes_only():
-    import pytest
-
     with pytest.raises(ValueError, match="describe"):
         SyntheticConfig(image_size=64, tasks=("read",), describe=True)
