@@ -1,0 +1,174 @@
+"""A 30-second stand-in for the demo base on one question: can a tiny causal LLM learn `locate`?
+
+The demo's base (5 minutes per probe on 2 cores) does not learn to read the grid cell a question names
+(docs/science.md). This script isolates that skill so a hypothesis costs seconds and several seeds: a 4x4 grid
+of cells (4-8 coloured, the rest empty), the question "row R, column C" as two tokens, and one answer (6 colours).
+The LLM is shaped like the demo's (d=64, 6 layers, 4 heads, RoPE theta 1e4, causal, pre-norm); the visual
+tokens come from one of three sources:
+
+- ``embed``: a learned vector per colour (what a perfect vision path would hand over);
+- ``rgb``: a linear map of the cell's RGB colour, then LLaVA's two-layer projector;
+- ``pixels``: the 32-px image rendered as the demo draws it (8-px cells, 1-px margins), an 8-px patch
+  convolution with a position embedding, ``--vision-layers`` ViT blocks, then the projector (SigLIP-shaped).
+
+Not product code: nothing here is imported by visor_lightning. Usage:
+    python experiments/diagnostics/locate_toy.py --cells pixels --vision-layers 2 --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+D, HEADS, GRID, COLOURS = 64, 4, 4, 6
+EMPTY = 0  # cell value 0 is empty; 1..6 are colours
+PALETTE = torch.tensor([(20, 20, 20), (230, 30, 30), (30, 200, 40), (40, 70, 240), (240, 230, 30), (170, 40, 220),
+                        (30, 220, 230)]).float() / 127.5 - 1  # data/scenes.py's colours, SigLIP-normalised
+FILLER, WHAT, ASK = 0, 1, 2  # text vocabulary: 3 markers, then 4 row words, then 4 column words
+ROW0, COL0, VOCAB = 3, 7, 11
+
+
+def make_batch(n: int, rng: random.Random, fillers: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cells [n, 16], question tokens [n, fillers + 4], answer colour index [n])."""
+    cells, questions, answers = [], [], []
+    for _ in range(n):
+        grid = [EMPTY] * GRID * GRID
+        for p in rng.sample(range(GRID * GRID), rng.randint(4, 8)):
+            grid[p] = 1 + rng.randrange(COLOURS)
+        p = rng.choice([i for i, c in enumerate(grid) if c != EMPTY])
+        cells.append(grid)
+        questions.append([FILLER] * fillers + [WHAT, ROW0 + p // GRID, COL0 + p % GRID, ASK])
+        answers.append(grid[p] - 1)
+    return torch.tensor(cells), torch.tensor(questions), torch.tensor(answers)
+
+
+def most_frequent_colour_accuracy(cells: torch.Tensor, answers: torch.Tensor) -> float:
+    """The position-free strategy every demo model stops at: answer with the image's most frequent colour."""
+    counts = F.one_hot(cells, COLOURS + 1)[:, :, 1:].sum(1).float()  # [n, colours]
+    best = counts == counts.max(1, keepdim=True).values  # ties: the answer counts by the share of tied colours
+    return (best[torch.arange(len(answers)), answers] / best.sum(1)).mean().item()
+
+
+def render(cells: torch.Tensor) -> torch.Tensor:
+    """[n, 16] cell values -> [n, 3, 32, 32] normalised pixels: 6x6 squares in 8-px cells on a dark ground."""
+    n = cells.shape[0]
+    ground = PALETTE[EMPTY].view(1, 3, 1, 1).expand(n, 3, 32, 32)
+    colour = PALETTE[cells].view(n, GRID, GRID, 3).permute(0, 3, 1, 2).repeat_interleave(8, 2).repeat_interleave(8, 3)
+    inside = torch.zeros(32, 32, dtype=torch.bool)
+    for r in range(GRID):
+        for c in range(GRID):
+            inside[r * 8 + 1:r * 8 + 7, c * 8 + 1:c * 8 + 7] = True
+    return torch.where(inside, colour, ground)
+
+
+def rope(x: torch.Tensor, theta: float = 1e4) -> torch.Tensor:
+    half = torch.arange(0, x.shape[-1], 2) / x.shape[-1]
+    angle = torch.arange(x.shape[-2]).float()[:, None] / theta ** half[None]
+    cos, sin = angle.cos(), angle.sin()
+    a, b = x[..., ::2], x[..., 1::2]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; causal with RoPE (the LLM) or bidirectional without (the ViT)."""
+
+    def __init__(self, causal: bool) -> None:
+        super().__init__()
+        self.causal = causal
+        self.norm1, self.norm2 = nn.LayerNorm(D), nn.LayerNorm(D)
+        self.qkv, self.out = nn.Linear(D, 3 * D), nn.Linear(D, D)
+        self.mlp = nn.Sequential(nn.Linear(D, 4 * D), nn.GELU(), nn.Linear(4 * D, D))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, _ = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(n, t, 3, HEADS, D // HEADS).permute(2, 0, 3, 1, 4)
+        if self.causal:
+            q, k = rope(q), rope(k)
+        h = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        x = x + self.out(h.transpose(1, 2).reshape(n, t, D))
+        return x + self.mlp(self.norm2(x))
+
+
+class Toy(nn.Module):
+    def __init__(self, cells: str, vision_layers: int) -> None:
+        super().__init__()
+        self.cells = cells
+        self.embed = nn.Embedding(COLOURS + 1, D) if cells == "embed" else None
+        self.rgb = nn.Linear(3, D) if cells == "rgb" else None
+        if cells == "pixels":
+            self.patch = nn.Conv2d(3, D, 8, 8)
+            self.position = nn.Parameter(torch.randn(GRID * GRID, D) / D ** 0.5)  # SigLIP's init
+            self.vision = nn.ModuleList(Block(causal=False) for _ in range(vision_layers))
+        self.projector = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, D))
+        self.text = nn.Embedding(VOCAB, D)
+        self.llm = nn.ModuleList(Block(causal=True) for _ in range(6))
+        self.head = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, COLOURS))
+
+    def visual_tokens(self, cells: torch.Tensor) -> torch.Tensor:
+        if self.cells == "embed":
+            return self.embed(cells)
+        if self.cells == "rgb":
+            return self.projector(self.rgb(PALETTE[cells]))
+        x = self.patch(render(cells)).flatten(2).transpose(1, 2) + self.position
+        for block in self.vision:
+            x = block(x)
+        return self.projector(x)
+
+    def forward(self, cells: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.visual_tokens(cells), self.text(question)], 1)
+        for block in self.llm:
+            x = block(x)
+        return self.head(x[:, -1])
+
+
+def run(cells: str, vision_layers: int = 0, fillers: int = 0, steps: int = 600, seed: int = 0, lr: float = 3e-3,
+        eval_every: int = 150, quiet: bool = False) -> float:
+    """Train one toy from scratch (batch 16, AdamW betas 0.9/0.95 as the demo); return held-out accuracy."""
+    torch.manual_seed(seed)
+    model = Toy(cells, vision_layers)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    rng, dev = random.Random(seed), make_batch(1000, random.Random(10_000 + seed), fillers)
+    start, acc = time.perf_counter(), 0.0
+    for step in range(1, steps + 1):
+        cells_b, question, answer = make_batch(16, rng, fillers)
+        loss = F.cross_entropy(model(cells_b, question), answer)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % eval_every == 0 or step == steps:
+            with torch.no_grad():
+                acc = (model(dev[0], dev[1]).argmax(-1) == dev[2]).float().mean().item()
+            if not quiet:
+                print(f"  step {step}: held-out accuracy {100 * acc:.1f}% ({time.perf_counter() - start:.0f} s)",
+                      flush=True)
+    return acc
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cells", choices=("embed", "rgb", "pixels"), default="pixels", help="where visual tokens come from")
+    p.add_argument("--vision-layers", type=int, default=2, help="ViT blocks after the patch convolution (pixels)")
+    p.add_argument("--fillers", type=int, default=0, help="text tokens between the image and the question")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    accs = []
+    for seed in a.seeds:
+        print(f"seed {seed}: cells={a.cells} vision_layers={a.vision_layers} fillers={a.fillers} lr={a.lr}")
+        accs.append(run(a.cells, a.vision_layers, a.fillers, a.steps, seed, a.lr))
+    cells, _, answers = make_batch(20_000, random.Random(1), a.fillers)
+    print(f"held-out accuracy at step {a.steps}: " + " / ".join(f"{100 * x:.1f}" for x in accs)
+          + f"% (seeds {a.seeds}); chance {100 / COLOURS:.1f}%, the image's most frequent colour "
+          f"{100 * most_frequent_colour_accuracy(cells, answers):.1f}%")
+
+
+if __name__ == "__main__":
+    main()
