@@ -3,13 +3,15 @@
 The demo's base (5 minutes per probe on 2 cores) does not learn to read the grid cell a question names
 (docs/science.md). This script isolates that skill so a hypothesis costs seconds and several seeds: a 4x4 grid
 of cells (4-8 coloured, the rest empty), the question "row R, column C" as two tokens, and one answer (6 colours).
-The LLM is shaped like the demo's (d=64, 6 layers, 4 heads, RoPE theta 1e4, causal, pre-norm); the visual
-tokens come from one of three sources:
+The LLM is shaped like the demo's (d=64, 6 layers, 4 heads, RoPE theta 1e4, causal, pre-norm), but built from
+LayerNorm + GELU blocks with PyTorch's init: a stand-in, not a replica. The visual tokens come from one of three
+sources:
 
 - ``embed``: a learned vector per colour (what a perfect vision path would hand over);
 - ``rgb``: a linear map of the cell's RGB colour, then LLaVA's two-layer projector;
 - ``pixels``: the 32-px image rendered as the demo draws it (8-px cells, 1-px margins), an 8-px patch
-  convolution with a position embedding, ``--vision-layers`` ViT blocks, then the projector (SigLIP-shaped).
+  convolution with a position embedding, ``--vision-layers`` ViT blocks, then the projector (SigLIP-shaped; the
+  patch convolution initialised as transformers' SigLIP does, or with ``--patch-init torch``).
 
 Not product code: nothing here is imported by visor_lightning. Usage:
     python experiments/diagnostics/locate_toy.py --cells pixels --vision-layers 2 --seeds 0 1 2
@@ -95,13 +97,16 @@ class Block(nn.Module):
 
 
 class Toy(nn.Module):
-    def __init__(self, cells: str, vision_layers: int) -> None:
+    def __init__(self, cells: str, vision_layers: int, patch_init: str = "siglip") -> None:
         super().__init__()
         self.cells = cells
         self.embed = nn.Embedding(COLOURS + 1, D) if cells == "embed" else None
         self.rgb = nn.Linear(3, D) if cells == "rgb" else None
         if cells == "pixels":
             self.patch = nn.Conv2d(3, D, 8, 8)
+            if patch_init == "siglip":  # transformers' SigLIP: LeCun normal weights, zero bias
+                nn.init.trunc_normal_(self.patch.weight, std=(1 / (3 * 8 * 8)) ** 0.5)
+                nn.init.zeros_(self.patch.bias)
             self.position = nn.Parameter(torch.randn(GRID * GRID, D) / D ** 0.5)  # SigLIP's init
             self.vision = nn.ModuleList(Block(causal=False) for _ in range(vision_layers))
         self.projector = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, D))
@@ -127,10 +132,10 @@ class Toy(nn.Module):
 
 
 def run(cells: str, vision_layers: int = 0, fillers: int = 0, steps: int = 600, seed: int = 0, lr: float = 3e-3,
-        eval_every: int = 150, quiet: bool = False) -> float:
+        eval_every: int = 150, quiet: bool = False, patch_init: str = "siglip") -> float:
     """Train one toy from scratch (batch 16, AdamW betas 0.9/0.95 as the demo); return held-out accuracy."""
     torch.manual_seed(seed)
-    model = Toy(cells, vision_layers)
+    model = Toy(cells, vision_layers, patch_init)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     rng, dev = random.Random(seed), make_batch(1000, random.Random(10_000 + seed), fillers)
     start, acc = time.perf_counter(), 0.0
@@ -153,6 +158,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cells", choices=("embed", "rgb", "pixels"), default="pixels", help="where visual tokens come from")
     p.add_argument("--vision-layers", type=int, default=2, help="ViT blocks after the patch convolution (pixels)")
+    p.add_argument("--patch-init", choices=("torch", "siglip"), default="siglip",
+                   help="patch convolution init: transformers' SigLIP (LeCun normal, zero bias; the demo's) or PyTorch's")
     p.add_argument("--fillers", type=int, default=0, help="text tokens between the image and the question")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -162,8 +169,9 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     accs = []
     for seed in a.seeds:
-        print(f"seed {seed}: cells={a.cells} vision_layers={a.vision_layers} fillers={a.fillers} lr={a.lr}")
-        accs.append(run(a.cells, a.vision_layers, a.fillers, a.steps, seed, a.lr))
+        print(f"seed {seed}: cells={a.cells} vision_layers={a.vision_layers} patch_init={a.patch_init} "
+              f"fillers={a.fillers} lr={a.lr}")
+        accs.append(run(a.cells, a.vision_layers, a.fillers, a.steps, seed, a.lr, patch_init=a.patch_init))
     cells, _, answers = make_batch(20_000, random.Random(1), a.fillers)
     print(f"held-out accuracy at step {a.steps}: " + " / ".join(f"{100 * x:.1f}" for x in accs)
           + f"% (seeds {a.seeds}); chance {100 / COLOURS:.1f}%, the image's most frequent colour "
