@@ -22,16 +22,16 @@ def toy():
     return mod
 
 
-def test_render_draws_each_cell_in_its_8px_square(toy):
-    from visor_lightning.data.scenes import PALETTE
+def test_render_draws_each_cell_in_its_8px_square_as_the_demo_does(toy):
+    from visor_lightning.data.scenes import _grid
 
     cells = torch.zeros(1, 16, dtype=torch.long)
-    cells[0, 1 * 4 + 2] = 3  # row 2, column 3: the third palette colour
-    img = toy.render(cells)[0]
-    blue = torch.tensor(PALETTE["blue"]).float() / 127.5 - 1
-    assert torch.allclose(img[:, 1 * 8 + 4, 2 * 8 + 4], blue)  # the cell's centre
-    assert torch.allclose(img[:, 1 * 8, 2 * 8], toy.PALETTE[toy.EMPTY])  # its 1-px margin stays ground
-    assert torch.allclose(img[:, 4, 4], toy.PALETTE[toy.EMPTY])  # an empty cell
+    cells[0, 1 * 4 + 2] = 3  # row 2, column 3: the third scene colour
+    cells[0, 3 * 4 + 0] = 6  # row 4, column 1: the sixth
+    names = list(toy.SCENE_PALETTE)
+    demo = _grid({(1, 2): names[2], (3, 0): names[5]}, 32)  # data/scenes.py's drawing of the same grid
+    expected = torch.tensor(list(demo.getdata())).float().view(32, 32, 3).permute(2, 0, 1) / 127.5 - 1
+    assert torch.allclose(toy.render(cells)[0], expected)
 
 
 def test_questions_name_a_coloured_cell_and_the_answer_is_its_colour(toy):
@@ -50,7 +50,6 @@ def test_most_frequent_colour_shares_ties(toy):
 
 @pytest.mark.slow
 def test_reference_llm_learns_to_address_a_cell(toy):
-    torch.set_num_threads(2)
     cells, _, answers = toy.make_batch(20_000, random.Random(1), 0)
     position_free = toy.most_frequent_colour_accuracy(cells, answers)  # ~0.40
     acc = toy.run("embed", steps=600, seed=0, quiet=True)

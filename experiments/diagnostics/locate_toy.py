@@ -27,10 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-D, HEADS, GRID, COLOURS = 64, 4, 4, 6
-EMPTY = 0  # cell value 0 is empty; 1..6 are colours
-PALETTE = torch.tensor([(20, 20, 20), (230, 30, 30), (30, 200, 40), (40, 70, 240), (240, 230, 30), (170, 40, 220),
-                        (30, 220, 230)]).float() / 127.5 - 1  # data/scenes.py's colours, SigLIP-normalised
+from visor_lightning.data.scenes import BACKGROUND, CELL, PALETTE as SCENE_PALETTE
+
+D, HEADS, GRID, COLOURS = 64, 4, 4, len(SCENE_PALETTE)
+SIDE = GRID * CELL  # the demo's 32-px canvas
+EMPTY = 0  # cell value 0 is empty; 1..6 are the scenes' colours in their order
+PALETTE = torch.tensor([BACKGROUND, *SCENE_PALETTE.values()]).float() / 127.5 - 1  # SigLIP-normalised
 FILLER, WHAT, ASK = 0, 1, 2  # text vocabulary: 3 markers, then 4 row words, then 4 column words
 ROW0, COL0, VOCAB = 3, 7, 11
 
@@ -57,14 +59,16 @@ def most_frequent_colour_accuracy(cells: torch.Tensor, answers: torch.Tensor) ->
 
 
 def render(cells: torch.Tensor) -> torch.Tensor:
-    """[n, 16] cell values -> [n, 3, 32, 32] normalised pixels: 6x6 squares in 8-px cells on a dark ground."""
+    """[n, 16] cell values -> [n, 3, 32, 32] normalised pixels, drawn as data/scenes.py draws a grid: a square with a
+    one-pixel margin in each 8-px cell, on the dark ground."""
     n = cells.shape[0]
-    ground = PALETTE[EMPTY].view(1, 3, 1, 1).expand(n, 3, 32, 32)
-    colour = PALETTE[cells].view(n, GRID, GRID, 3).permute(0, 3, 1, 2).repeat_interleave(8, 2).repeat_interleave(8, 3)
-    inside = torch.zeros(32, 32, dtype=torch.bool)
+    ground = PALETTE[EMPTY].view(1, 3, 1, 1).expand(n, 3, SIDE, SIDE)
+    colour = PALETTE[cells].view(n, GRID, GRID, 3).permute(0, 3, 1, 2)
+    colour = colour.repeat_interleave(CELL, 2).repeat_interleave(CELL, 3)
+    inside = torch.zeros(SIDE, SIDE, dtype=torch.bool)
     for r in range(GRID):
         for c in range(GRID):
-            inside[r * 8 + 1:r * 8 + 7, c * 8 + 1:c * 8 + 7] = True
+            inside[r * CELL + 1:(r + 1) * CELL - 1, c * CELL + 1:(c + 1) * CELL - 1] = True
     return torch.where(inside, colour, ground)
 
 
@@ -103,9 +107,9 @@ class Toy(nn.Module):
         self.embed = nn.Embedding(COLOURS + 1, D) if cells == "embed" else None
         self.rgb = nn.Linear(3, D) if cells == "rgb" else None
         if cells == "pixels":
-            self.patch = nn.Conv2d(3, D, 8, 8)
+            self.patch = nn.Conv2d(3, D, CELL, CELL)  # one patch per cell, as the demo's SigLIP sees the grid
             if patch_init == "siglip":  # transformers' SigLIP: LeCun normal weights, zero bias
-                nn.init.trunc_normal_(self.patch.weight, std=(1 / (3 * 8 * 8)) ** 0.5)
+                nn.init.trunc_normal_(self.patch.weight, std=(1 / (3 * CELL * CELL)) ** 0.5)
                 nn.init.zeros_(self.patch.bias)
             self.position = nn.Parameter(torch.randn(GRID * GRID, D) / D ** 0.5)  # SigLIP's init
             self.vision = nn.ModuleList(Block(causal=False) for _ in range(vision_layers))
