@@ -52,5 +52,5 @@ def test_most_frequent_colour_shares_ties(toy):
 def test_reference_llm_learns_to_address_a_cell(toy):
     cells, _, answers = toy.make_batch(20_000, random.Random(1), 0)
     position_free = toy.most_frequent_colour_accuracy(cells, answers)  # ~0.40
-    acc = toy.run("embed", steps=600, seed=0, quiet=True)
+    acc = toy.run("embed", steps=600, seed=0, eval_every=600, quiet=True)
     assert acc > position_free + 0.1, (acc, position_free)
