@@ -156,3 +156,21 @@ def test_text_only_batch_runs_and_caches(visor_model):
     a, _ = visor_model.generate(ids, max_new_tokens=4)
     b, _ = visor_model.generate(ids, max_new_tokens=4, use_cache=False)
     assert torch.equal(a, b)
+
+
+def test_initializer_range_sets_the_from_scratch_init_and_survives_export():
+    import dataclasses
+
+    from visor_lightning.models.spec import BackboneSpec, tiny_backbone
+
+    def lm_std(spec) -> float:
+        torch.manual_seed(0)
+        lm = VisorModel(spec).lm
+        return torch.cat([p.flatten() for n, p in lm.named_parameters() if n.endswith("proj.weight") and "ca_" not in n]).std().item()
+
+    default = tiny_backbone()
+    wide = dataclasses.replace(default, text=dataclasses.replace(default.text, initializer_range=0.1))
+    assert lm_std(default) == pytest.approx(0.02, rel=0.05)  # Qwen2's own init, unchanged by default
+    assert lm_std(wide) == pytest.approx(0.1, rel=0.05)
+    # the exported base's config.json carries it, so the spec read back from a checkpoint is the one trained
+    assert BackboneSpec.from_hf_config(wide.to_hf_config()).text.initializer_range == 0.1

@@ -27,6 +27,8 @@ class TextSpec:
     rms_norm_eps: float = 1e-6  # RMSNorm epsilon
     max_position_embeddings: int = 32768  # longest sequence the RoPE cache is built for
     tie_word_embeddings: bool = True  # LM head shares the embedding matrix
+    # Qwen2's 0.02 suits width 896; a narrow from-scratch base learns far slower with it (docs/science.md 6)
+    initializer_range: float = 0.02  # std of the from-scratch init of LLM and projector weights (loading ignores it)
 
     @property
     def head_dim(self) -> int:
@@ -144,6 +146,7 @@ class BackboneSpec:
             rms_norm_eps=t.rms_norm_eps,
             max_position_embeddings=t.max_position_embeddings,
             tie_word_embeddings=t.tie_word_embeddings,
+            initializer_range=t.initializer_range,
         )
         vision_config = dict(
             model_type="siglip_vision_model",
@@ -188,6 +191,7 @@ class BackboneSpec:
                 rms_norm_eps=t.rms_norm_eps,
                 max_position_embeddings=t.max_position_embeddings,
                 tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False) or t.tie_word_embeddings),
+                initializer_range=float(getattr(t, "initializer_range", 0.02)),
             ),
             vision=VisionSpec(
                 hidden_size=v.hidden_size,
