@@ -77,7 +77,7 @@ class Universal(VisorLitModule):
         search: find the feasible set first (evaluate the maximal model with subsets of optional SA layers
             off on the validation sets; keep those whose answer-token accuracy is >= ``tolerance`` x the
             maximal one's). Off: use the schedule's feasible set as given.
-        tolerance: see ``search``.
+        tolerance: see ``search``; 0 keeps every candidate (the scores are still measured and reported).
         search_batches: validation batches per set used by the search.
         sample_per: draw a configuration per optimisation "step" (the paper) or per "sample".
         seed: the configuration draw is seeded by (seed, step), the same on every rank.
@@ -98,8 +98,8 @@ class Universal(VisorLitModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if not 0 < tolerance <= 1:
-            raise ValueError(f"model.tolerance must be in (0, 1], got {tolerance}")
+        if not 0 <= tolerance <= 1:
+            raise ValueError(f"model.tolerance must be in [0, 1], got {tolerance}")
         self.search_result: dict[str, Any] | None = None
 
     def setup(self, stage: str) -> None:
