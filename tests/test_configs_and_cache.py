@@ -166,7 +166,8 @@ def test_initializer_range_sets_the_from_scratch_init_and_survives_export():
     def lm_std(spec) -> float:
         torch.manual_seed(0)
         lm = VisorModel(spec).lm
-        return torch.cat([p.flatten() for n, p in lm.named_parameters() if n.endswith("proj.weight") and "ca_" not in n]).std().item()
+        host = [p.flatten() for n, p in lm.named_parameters() if n.endswith("proj.weight") and "ca_" not in n]
+        return torch.cat(host).std().item()
 
     default = tiny_backbone()
     wide = dataclasses.replace(default, text=dataclasses.replace(default.text, initializer_range=0.1))
