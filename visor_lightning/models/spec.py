@@ -191,7 +191,7 @@ class BackboneSpec:
                 rms_norm_eps=t.rms_norm_eps,
                 max_position_embeddings=t.max_position_embeddings,
                 tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False) or t.tie_word_embeddings),
-                initializer_range=float(getattr(t, "initializer_range", 0.02)),
+                initializer_range=float(getattr(t, "initializer_range", TextSpec.initializer_range)),
             ),
             vision=VisionSpec(
                 hidden_size=v.hidden_size,
