@@ -47,6 +47,26 @@ def test_mixed_batch_equals_per_sample_runs(spec):
         assert calls.get(f"{l}:sa") == 1 and calls.get(f"{l}:text") == 1
 
 
+def test_reused_image_features_give_the_same_answers_with_one_vision_pass(visor_model):
+    """Evaluation scores several targets on one batch inside reuse_image_features: the vision tower runs once per
+    image batch there, and every configuration's answers equal those of a fresh encoding."""
+    pixels, image_sizes, ids, mask, _ = _batch(visor_model)
+    configs = [torch.full((4,), c) for c in range(len(visor_model.schedule.feasible))]
+    fresh = [visor_model.generate(ids, pixels, image_sizes, mask, max_new_tokens=3, config_ids=c)[0] for c in configs]
+    calls = []
+    hook = visor_model.vision.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with visor_model.reuse_image_features():
+            reused = [visor_model.generate(ids, pixels, image_sizes, mask, max_new_tokens=3, config_ids=c)[0]
+                      for c in configs]
+            visor_model.generate(ids, pixels.clone(), image_sizes, mask, max_new_tokens=3)  # other tensors: encoded
+        visor_model.generate(ids, pixels, image_sizes, mask, max_new_tokens=3)  # outside: encoded again
+    finally:
+        hook.remove()
+    assert len(configs) > 1 and len(calls) == 3
+    assert all(torch.equal(a, b) for a, b in zip(fresh, reused))
+
+
 @pytest.mark.parametrize("schedule", ["dense", "ca_only", "default_min", "default_max", "mixed"])
 def test_generation_with_cache_equals_without(spec, schedule):
     from conftest import make_host, wake_new_weights

@@ -92,6 +92,7 @@ class FlopsModel:
         t = spec.text
         self.d, self.m, self.vocab, self.L = t.hidden_size, t.intermediate_size, t.vocab_size, t.num_layers
         self.d_kv = t.num_kv_heads * t.head_dim
+        self._memo: dict[tuple, int] = {}  # evaluation asks the same (configuration, token counts) per sample
 
     # ---- building blocks ----------------------------------------------------------------------------
     def attn(self, nq: int, nk: int, d: int | None = None) -> int:
@@ -186,13 +187,19 @@ class FlopsModel:
 
         ``routed=False`` leaves out the policy MLP, for a configuration forced by the caller.
         """
-        ops = self.prefill_ops(self.visual_keys(active, nv), nt, ca_nv=None if active is None else nv,
-                               routed=routed and active is not None)
-        return total_flops(ops)
+        key = ("prefill", None if active is None else tuple(active), nt, nv, routed and active is not None)
+        if key not in self._memo:
+            ops = self.prefill_ops(self.visual_keys(active, nv), nt, ca_nv=None if active is None else nv,
+                                   routed=key[-1])
+            self._memo[key] = total_flops(ops)
+        return self._memo[key]
 
     def fastv_prefill(self, nt: int, nv: int, layer: int, ratio: float) -> int:
         """Dense prefill with FastV pruning: ``ratio`` of the visual tokens dropped from layer ``layer`` on."""
-        return total_flops(self.prefill_ops(self.fastv_keys(nv, layer, ratio), nt))
+        key = ("fastv", nt, nv, layer, ratio)
+        if key not in self._memo:
+            self._memo[key] = total_flops(self.prefill_ops(self.fastv_keys(nv, layer, ratio), nt))
+        return self._memo[key]
 
     def fastv_ratio_for(self, target: float, tokens: Sequence[tuple[float, float]], layer: int) -> float:
         """The FastV drop ratio whose mean prefill FLOPs over the ``tokens`` workloads ((text, visual) counts,

@@ -338,35 +338,42 @@ class VisorLitModule(pl.LightningModule):
         nt, nv = self.token_counts(batch["prompt_ids"], batch["prompt_mask"])
         self.tokens_mean[f"{s}|text"].update(torch.tensor(nt, dtype=torch.float64))
         self.tokens_mean[f"{s}|visual"].update(torch.tensor(nv, dtype=torch.float64))
-        for t in self.eval_targets():
-            use_policy, fastv = t == POLICY, FastVConfig.parse(t)
-            cids = None if use_policy or fastv else torch.full((bs,), self.schedule.index(t), device=self.device)
-            tokens, chosen = self.model.generate(
-                batch["prompt_ids"], batch["pixel_values"], batch["image_sizes"], batch["prompt_mask"],
-                max_new_tokens=self.hparams.max_new_tokens, config_ids=cids, use_policy=use_policy,
-                eos_token_id=tok.eos_token_id, fastv=fastv,
-            )
-            preds = tok.batch_decode(tokens, skip_special_tokens=True)
-            k = _metric_slot(s, t)
-            self.em[k].update(preds, batch["answer"])
-            if fastv:
-                dense_fm = self.flops_models()[1]
-                flops = torch.tensor([dense_fm.fastv_prefill(a, b, fastv.layer, fastv.ratio) for a, b in zip(nt, nv)],
-                                     dtype=torch.float64)
-            else:
-                flops, _ = self.flops_per_sample(batch["prompt_ids"], batch["prompt_mask"], chosen, routed=use_policy)
-            self.flops_mean[k].update(flops)
-            if self.sample_records is not None:
-                self.sample_records += [
-                    {"set": s, "target": t, "id": batch["id"][i], "subset": batch["subset"][i],
-                     "question": batch["question"][i], "prediction": p,
-                     "answer": a, "correct": normalize_answer(p) == normalize_answer(a),
-                     "config": t if fastv else self.schedule.names[int(c)], "gflops": float(f) / 1e9,
-                     "dense_gflops": float(d) / 1e9}
-                    for i, (p, a, c, f, d) in enumerate(zip(preds, batch["answer"], chosen.tolist(), flops, dense))
-                ]
-            if use_policy:
-                self.choice[s].update(chosen)
+        with self.model.reuse_image_features():
+            for t in self.eval_targets():
+                self._score_target(s, t, batch, tok, nt, nv, dense)
+
+    def _score_target(self, s: str, t: str, batch: dict[str, Any], tok, nt: list[int], nv: list[int],
+                      dense: torch.Tensor) -> None:
+        """Generate the answers of one evaluation target on one batch and update its metrics and records."""
+        bs = batch["input_ids"].shape[0]
+        use_policy, fastv = t == POLICY, FastVConfig.parse(t)
+        cids = None if use_policy or fastv else torch.full((bs,), self.schedule.index(t), device=self.device)
+        tokens, chosen = self.model.generate(
+            batch["prompt_ids"], batch["pixel_values"], batch["image_sizes"], batch["prompt_mask"],
+            max_new_tokens=self.hparams.max_new_tokens, config_ids=cids, use_policy=use_policy,
+            eos_token_id=tok.eos_token_id, fastv=fastv,
+        )
+        preds = tok.batch_decode(tokens, skip_special_tokens=True)
+        k = _metric_slot(s, t)
+        self.em[k].update(preds, batch["answer"])
+        if fastv:
+            dense_fm = self.flops_models()[1]
+            flops = torch.tensor([dense_fm.fastv_prefill(a, b, fastv.layer, fastv.ratio) for a, b in zip(nt, nv)],
+                                 dtype=torch.float64)
+        else:
+            flops, _ = self.flops_per_sample(batch["prompt_ids"], batch["prompt_mask"], chosen, routed=use_policy)
+        self.flops_mean[k].update(flops)
+        if self.sample_records is not None:
+            self.sample_records += [
+                {"set": s, "target": t, "id": batch["id"][i], "subset": batch["subset"][i],
+                 "question": batch["question"][i], "prediction": p,
+                 "answer": a, "correct": normalize_answer(p) == normalize_answer(a),
+                 "config": t if fastv else self.schedule.names[int(c)], "gflops": float(f) / 1e9,
+                 "dense_gflops": float(d) / 1e9}
+                for i, (p, a, c, f, d) in enumerate(zip(preds, batch["answer"], chosen.tolist(), flops, dense))
+            ]
+        if use_policy:
+            self.choice[s].update(chosen)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self.validation_step(batch, batch_idx, dataloader_idx)

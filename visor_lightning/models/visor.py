@@ -8,7 +8,9 @@ back to its checkpoint key, and :meth:`VisorModel.new_parameters` lists what VIS
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,6 +84,8 @@ class VisorModel(nn.Module):
         """``host`` is a LlavaOnevisionForConditionalGeneration to take parts from; random init if None."""
         super().__init__()
         from transformers import LlavaOnevisionForConditionalGeneration
+
+        self._image_features: dict[tuple[int, int], tuple] | None = None  # see reuse_image_features
 
         if host is None:
             cfg = backbone.to_hf_config()
@@ -186,7 +190,24 @@ class VisorModel(nn.Module):
             flat = torch.cat([pv[:c] for pv, c in zip(pixel_values, crops)], dim=0)
         else:
             raise ValueError(f"pixel_values must be 4-D or 5-D, got shape {tuple(pixel_values.shape)}")
-        return self.connector(self.vision(flat), crops, image_sizes)
+        key = (id(pixel_values), id(image_sizes))
+        if self._image_features is not None and key in self._image_features:
+            return self._image_features[key][-1]
+        feats = self.connector(self.vision(flat), crops, image_sizes)
+        if self._image_features is not None:  # the inputs are held too, so their ids stay theirs
+            self._image_features[key] = (pixel_values, image_sizes, feats)
+        return feats
+
+    @contextlib.contextmanager
+    def reuse_image_features(self) -> Iterator[None]:
+        """Inside, each image batch (the same tensor objects) goes through the vision tower and connector once:
+        evaluation runs several targets (configurations, the policy, FastV) on one batch, and those parts do not
+        depend on the target."""
+        self._image_features = {}
+        try:
+            yield
+        finally:
+            self._image_features = None
 
     def embed(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None = None
