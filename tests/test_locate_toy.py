@@ -54,3 +54,19 @@ def test_reference_llm_learns_to_address_a_cell(toy):
     position_free = toy.most_frequent_colour_accuracy(cells, answers)  # ~0.40
     acc = toy.run("embed", steps=600, seed=0, eval_every=600, quiet=True)
     assert acc > position_free + 0.1, (acc, position_free)
+
+
+def test_llava_ov_layout_packs_the_base_view_then_tile_rows_closed_by_newlines(toy):
+    """The demo's 36 visual tokens at 32 px (connector.py's AnyRes packing): 16, then 4 x (4 + newline)."""
+    model = toy.Toy("embed", 0, llm="qwen2", layout="llava-ov")
+    cells = torch.randint(0, toy.COLOURS + 1, (2, 16))
+    v = model.visual_tokens(cells)
+    packed = model.packed(v)
+    assert packed.shape == (2, 36, toy.D)
+    assert torch.equal(packed[:, :16], v)
+    tile = packed[:, 16:].view(2, 4, 5, toy.D)
+    assert torch.equal(tile[:, :, :4].reshape(2, 16, toy.D), v)
+    assert (tile[:, :, 4] == model.newline).all()
+    _, questions, _ = toy.make_batch(2, random.Random(0), 0)
+    assert model(cells, questions).shape == (2, toy.COLOURS)
+    assert model.qwen2.config.initializer_range == toy.QWEN2_STD and not list(model.llm)

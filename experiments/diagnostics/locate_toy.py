@@ -13,6 +13,12 @@ sources:
   convolution with a position embedding, ``--vision-layers`` ViT blocks, then the projector (SigLIP-shaped; the
   patch convolution initialised as transformers' SigLIP does, or with ``--patch-init torch``).
 
+Two switches bring it closer to the demo: ``--llm qwen2`` swaps the stand-in blocks for transformers' Qwen2 in
+the demo base's shape and init (``initializer_range`` 0.072; the text and ``embed`` vectors drawn at the same std,
+as the demo's text embeddings and projector are), and ``--layout llava-ov`` hands the visual tokens over as the
+demo's AnyRes packing does at 32 px: the base view's 16, then the same 16 again as the tile with a newline token
+closing each row (36 tokens).
+
 Not product code: nothing here is imported by visor_lightning. Usage:
     python experiments/diagnostics/locate_toy.py --cells pixels --vision-layers 2 --seeds 0 1 2
 """
@@ -100,10 +106,14 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+QWEN2_STD = 0.072  # the demo base's backbone.text.initializer_range
+
+
 class Toy(nn.Module):
-    def __init__(self, cells: str, vision_layers: int, patch_init: str = "siglip") -> None:
+    def __init__(self, cells: str, vision_layers: int, patch_init: str = "siglip", llm: str = "standin",
+                 layout: str = "grid") -> None:
         super().__init__()
-        self.cells = cells
+        self.cells, self.layout = cells, layout
         self.embed = nn.Embedding(COLOURS + 1, D) if cells == "embed" else None
         self.rgb = nn.Linear(3, D) if cells == "rgb" else None
         if cells == "pixels":
@@ -116,7 +126,21 @@ class Toy(nn.Module):
         self.projector = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, D))
         self.text = nn.Embedding(VOCAB, D)
         self.llm = nn.ModuleList(Block(causal=True) for _ in range(6))
+        self.qwen2 = None
+        if llm == "qwen2":
+            from transformers import Qwen2Config, Qwen2Model
+
+            self.qwen2 = Qwen2Model(Qwen2Config(
+                hidden_size=D, num_hidden_layers=6, num_attention_heads=HEADS, num_key_value_heads=2,
+                intermediate_size=256, rope_theta=1e4, vocab_size=VOCAB, max_position_embeddings=256,
+                initializer_range=QWEN2_STD))
+            self.llm = nn.ModuleList()
+            for e in (self.text, self.embed):
+                if e is not None:
+                    nn.init.normal_(e.weight, std=QWEN2_STD)
         self.head = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, COLOURS))
+        if layout == "llava-ov":  # LLaVA-OV's image_newline; drawn last, so the other inits match the grid layout's
+            self.newline = nn.Parameter(torch.randn(D) / D ** 0.5)
 
     def visual_tokens(self, cells: torch.Tensor) -> torch.Tensor:
         if self.cells == "embed":
@@ -128,18 +152,29 @@ class Toy(nn.Module):
             x = block(x)
         return self.projector(x)
 
+    def packed(self, v: torch.Tensor) -> torch.Tensor:
+        """[n, 16, D] cell tokens -> the sequence the LLM reads (``llava-ov``: base view + tile rows + newlines)."""
+        if self.layout == "grid":
+            return v
+        n = v.shape[0]
+        rows = torch.cat([v.view(n, GRID, GRID, D), self.newline.view(1, 1, 1, D).expand(n, GRID, 1, D)], 2)
+        return torch.cat([v, rows.reshape(n, GRID * (GRID + 1), D)], 1)
+
     def forward(self, cells: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([self.visual_tokens(cells), self.text(question)], 1)
+        x = torch.cat([self.packed(self.visual_tokens(cells)), self.text(question)], 1)
+        if self.qwen2 is not None:
+            x = self.qwen2(inputs_embeds=x).last_hidden_state
         for block in self.llm:
             x = block(x)
         return self.head(x[:, -1])
 
 
 def run(cells: str, vision_layers: int = 0, fillers: int = 0, steps: int = 600, seed: int = 0, lr: float = 3e-3,
-        eval_every: int = 150, quiet: bool = False, patch_init: str = "siglip") -> float:
+        eval_every: int = 150, quiet: bool = False, patch_init: str = "siglip", llm: str = "standin",
+        layout: str = "grid") -> float:
     """Train one toy from scratch (batch 16, AdamW betas 0.9/0.95 as the demo); return held-out accuracy."""
     torch.manual_seed(seed)
-    model = Toy(cells, vision_layers, patch_init)
+    model = Toy(cells, vision_layers, patch_init, llm, layout)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     rng, dev = random.Random(seed), make_batch(1000, random.Random(10_000 + seed), fillers)
     start, acc = time.perf_counter(), 0.0
@@ -164,6 +199,10 @@ def main() -> None:
     p.add_argument("--vision-layers", type=int, default=2, help="ViT blocks after the patch convolution (pixels)")
     p.add_argument("--patch-init", choices=("torch", "siglip"), default="siglip",
                    help="patch convolution init: transformers' SigLIP (LeCun normal, zero bias; the demo's) or PyTorch's")
+    p.add_argument("--llm", choices=("standin", "qwen2"), default="standin",
+                   help="LayerNorm + GELU stand-in blocks, or transformers' Qwen2 as the demo base's LLM")
+    p.add_argument("--layout", choices=("grid", "llava-ov"), default="grid",
+                   help="16 cell tokens, or the demo's 36 (base view + tile rows with newline tokens)")
     p.add_argument("--fillers", type=int, default=0, help="text tokens between the image and the question")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -174,8 +213,9 @@ def main() -> None:
     accs = []
     for seed in a.seeds:
         print(f"seed {seed}: cells={a.cells} vision_layers={a.vision_layers} patch_init={a.patch_init} "
-              f"fillers={a.fillers} lr={a.lr}")
-        accs.append(run(a.cells, a.vision_layers, a.fillers, a.steps, seed, a.lr, patch_init=a.patch_init))
+              f"llm={a.llm} layout={a.layout} fillers={a.fillers} lr={a.lr}")
+        accs.append(run(a.cells, a.vision_layers, a.fillers, a.steps, seed, a.lr, patch_init=a.patch_init,
+                        llm=a.llm, layout=a.layout))
     cells, _, answers = make_batch(20_000, random.Random(1), a.fillers)
     print(f"held-out accuracy at step {a.steps}: " + " / ".join(f"{100 * x:.1f}" for x in accs)
           + f"% (seeds {a.seeds}); chance {100 / COLOURS:.1f}%, the image's most frequent colour "
