@@ -175,6 +175,9 @@ class VisorModel(nn.Module):
         ``pixel_values`` is [B, C, H, W] (one crop per image) or [B, crops, C, H, W] with ``image_sizes`` [B, 2]
         (height, width) as LLaVA-OV's processor makes them (AnyRes: base crop + tiles; padding crops ignored).
         """
+        key = (id(pixel_values), id(image_sizes))
+        if self._image_features is not None and key in self._image_features:
+            return self._image_features[key][-1]
         if pixel_values.dim() == 4:
             crops = [1] * pixel_values.shape[0]
             flat = pixel_values
@@ -190,9 +193,6 @@ class VisorModel(nn.Module):
             flat = torch.cat([pv[:c] for pv, c in zip(pixel_values, crops)], dim=0)
         else:
             raise ValueError(f"pixel_values must be 4-D or 5-D, got shape {tuple(pixel_values.shape)}")
-        key = (id(pixel_values), id(image_sizes))
-        if self._image_features is not None and key in self._image_features:
-            return self._image_features[key][-1]
         feats = self.connector(self.vision(flat), crops, image_sizes)
         if self._image_features is not None:  # the inputs are held too, so their ids stay theirs
             self._image_features[key] = (pixel_values, image_sizes, feats)
@@ -202,7 +202,8 @@ class VisorModel(nn.Module):
     def reuse_image_features(self) -> Iterator[None]:
         """Inside, each image batch (the same tensor objects) goes through the vision tower and connector once:
         evaluation runs several targets (configurations, the policy, FastV) on one batch, and those parts do not
-        depend on the target."""
+        depend on the target. For inference only: the tensors must not change in place inside, and no gradient
+        should flow through reused features."""
         self._image_features = {}
         try:
             yield
