@@ -187,10 +187,11 @@ class FlopsModel:
 
         ``routed=False`` leaves out the policy MLP, for a configuration forced by the caller.
         """
-        key = ("prefill", None if active is None else tuple(active), nt, nv, routed and active is not None)
+        routed = routed and active is not None
+        key = ("prefill", None if active is None else tuple(active), nt, nv, routed)
         if key not in self._memo:
             ops = self.prefill_ops(self.visual_keys(active, nv), nt, ca_nv=None if active is None else nv,
-                                   routed=key[-1])
+                                   routed=routed)
             self._memo[key] = total_flops(ops)
         return self._memo[key]
 
