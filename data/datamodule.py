@@ -45,18 +45,24 @@ def resolve_shards(spec: str | list[str], *, field: str = "shards") -> list[str]
         from .shards import split_urls
 
         path = Path(spec)
-        return split_urls(path.parent, path.name.removesuffix("-manifest.json"))
+        return _existing(split_urls(path.parent, path.name.removesuffix("-manifest.json")), field, f" (listed by {spec})")
     if "://" in spec or spec.startswith("pipe:"):
         return list(wds.shardlists.expand_urls(spec))
     if any(c in spec for c in "*?["):
         found = sorted(glob.glob(spec))
         if not found:
             raise FileNotFoundError(f"{field}: no shards match {spec!r}")
-        return found
-    urls = list(wds.shardlists.expand_urls(spec))
+        return _existing(found, field)  # a glob also lists dangling symlinks
+    return _existing(list(wds.shardlists.expand_urls(spec)), field)
+
+
+def _existing(urls: list[str], field: str, source: str = "") -> list[str]:
+    """``urls`` if every local shard is a readable file; otherwise a FileNotFoundError naming the first missing one
+    (a training stream resamples its shards, so a missing one would otherwise be skipped over and over)."""
     missing = [u for u in urls if not Path(u).is_file()]
     if missing:
-        raise FileNotFoundError(f"{field}: shard {missing[0]!r} does not exist ({len(missing)} of {len(urls)} missing)")
+        raise FileNotFoundError(f"{field}: shard {missing[0]!r} does not exist ({len(missing)} of {len(urls)} missing)"
+                                f"{source}")
     return urls
 
 

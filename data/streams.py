@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from .images import DEFAULT_MAX_PIXELS, image_fingerprint, open_image
-from .schema import IMAGE_EXTS, BadSample, Conversation, SkipStats, parse_json_bytes, parse_record
+from .schema import IMAGE_EXTS, BadSample, Conversation, DataError, SkipStats, parse_json_bytes, parse_record
 
 
 @dataclass
@@ -105,6 +105,41 @@ def read_samples(urls: Iterable[str | dict], stats: SkipStats, max_pixels: int =
                 yield ex
 
 
+class StarvationGuard:
+    """A resampled training stream never ends by itself, so shards that hold no usable sample would be drawn
+    forever without a word. Once every shard has been read, this raises a DataError if none gave a valid sample,
+    or if every sample that was read failed to encode (too long, tokenizer mismatch, ...): nothing to train on.
+    """
+
+    def __init__(self, urls: Iterable[str], stats: SkipStats) -> None:
+        self.urls, self.stats = set(urls), stats
+        self.read: set[str] = set()  # shards read to their end
+        self.gave: set[str] = set()  # ... that gave at least one valid sample
+        self.failed: set[str] = set()  # shards with a sample that failed to encode
+        self.encoded = False
+
+    def shard_read(self, url: str, valid: int) -> None:
+        self.read.add(url)
+        if valid:
+            self.gave.add(url)
+        self._check()
+
+    def encode_failed(self, url: str) -> None:
+        self.failed.add(url)
+        self._check()
+
+    def _check(self) -> None:
+        if self.encoded or self.read != self.urls:
+            return
+        n = len(self.urls)
+        if not self.gave:
+            raise DataError(f"none of the {n} training shard(s) holds a valid sample (e.g. {min(self.urls)}); "
+                            f"skipped so far: {self.stats.skipped()}. Rebuild the shards or check data.train")
+        if self.gave <= self.failed:
+            raise DataError(f"no training sample of the {n} shard(s) could be encoded (e.g. {min(self.gave)}); "
+                            f"skipped so far: {self.stats.skipped()}. Check data.max_length and the tokenizer")
+
+
 def swap_images(examples: Iterable[Example]) -> Iterator[Example]:
     """The vision-dependence control: every example with another example's image (question and answer kept).
 
@@ -184,12 +219,27 @@ class ShardStream(IterableDataset):
             raise TypeError("an evaluation stream has no length known before reading (shards split by rank/worker)")
         return self.batches_per_worker * max(1, self.num_workers)
 
-    def _encoded(self, examples: Iterable[Example]) -> Iterator[Any]:
+    def _encoded(self, examples: Iterable[Example], guard: StarvationGuard | None = None) -> Iterator[Any]:
         for ex in examples:
             try:
-                yield self.encode(ex)
+                encoded = self.encode(ex)
             except BadSample as bad:
                 self.stats.skip(bad, ex.url, ex.key)
+                if guard is not None:
+                    guard.encode_failed(ex.url)
+                continue
+            if guard is not None:
+                guard.encoded = True
+            yield encoded
+
+    def _read_guarded(self, shards: Iterable[str | dict], guard: StarvationGuard) -> Iterator[Example]:
+        for u in shards:
+            url = u["url"] if isinstance(u, dict) else u
+            valid = 0
+            for ex in read_samples([url], self.stats, self.max_pixels):
+                valid += 1
+                yield ex
+            guard.shard_read(url, valid)
 
     def pipeline(self):
         import webdataset as wds
@@ -200,11 +250,12 @@ class ShardStream(IterableDataset):
         if self.train:
             seed = _seed(self.seed, self.epoch, rank, worker)
             shards = wds.ResampledShards(self.urls, worker_seed=lambda: 0, seed=seed, deterministic=True)
+            guard = StarvationGuard(self.urls, self.stats)
             stages = [
                 shards,
-                lambda src: read_samples(src, self.stats, self.max_pixels),
+                lambda src: self._read_guarded(src, guard),
                 wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 64), rng=random.Random(seed)),
-                self._encoded,
+                lambda src: self._encoded(src, guard),
                 wds.batched(self.batch_size, collation_fn=self.collate, partial=False),
             ]
             return wds.DataPipeline(*stages).with_epoch(self.batches_per_worker)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -115,6 +117,57 @@ def test_training_epochs_have_fixed_length_and_full_batches(shards, workers):
     assert epochs[0] != epochs[1]  # a new epoch draws a new stream
     again = dm.train_dataloader()  # same seed and epoch -> the same stream (reproducible)
     assert [b["id"] for b in again] == epochs[0]
+
+
+def test_missing_shards_are_named_before_training(shards, tmp_path):
+    """A manifest or glob whose shards are gone (moved data, dangling symlinks) fails at setup, naming the shard:
+    the resampled training stream would otherwise skip it over and over."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(shards.root / "easy-manifest.json", copy)
+    for url in shards.easy_urls[1:]:
+        shutil.copy(url, copy)
+    with pytest.raises(FileNotFoundError, match=r"data.train: shard .*easy-000000.tar. does not exist "
+                                                r"\(1 of 6 missing\) \(listed by .*easy-manifest.json\)"):
+        resolve_shards(str(copy / "easy-manifest.json"), field="data.train")
+    (copy / "easy-000009.tar").symlink_to(tmp_path / "gone.tar")
+    with pytest.raises(FileNotFoundError, match=r"easy-000009.tar. does not exist \(1 of 6 missing\)"):
+        resolve_shards(str(copy / "easy-*.tar"))
+
+
+@pytest.mark.parametrize("case", ["unreadable", "too_long"])
+def test_a_training_stream_with_nothing_to_train_on_raises(shards, tmp_path, case):
+    """Resampling never runs dry, so a stream whose shards give no usable sample must say so instead of
+    spinning: shards that are not tar files, or samples that all fail to encode (every one too long)."""
+    from visor_lightning.data.schema import DataError
+
+    train, kw, match = str(shards.root / "easy-*.tar"), {}, "no training sample of the 6 shard"
+    if case == "unreadable":
+        for i in range(2):
+            (tmp_path / f"bad-{i}.tar").write_bytes(b"not a tar file" * 100)
+        train, match = str(tmp_path / "bad-*.tar"), "none of the 2 training shard.s. holds a valid sample"
+    else:
+        kw = {"max_length": 8}
+    dm = VisorDataModule(train=train, tokenizer=shards.tokenizer_dir, backbone=shards.spec, batch_size=2,
+                         num_workers=0, batches_per_epoch=3, **kw)
+    dm.setup("fit")
+    raised: list[BaseException] = []
+
+    def first_batch() -> None:
+        try:
+            next(iter(dm.train_dataloader()))
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            raised.append(e)
+
+    reader = threading.Thread(target=first_batch, daemon=True)  # a spinning stream must fail the test, not hang it
+    reader.start()
+    reader.join(120)
+    assert not reader.is_alive(), "the training stream is still resampling shards that give nothing"
+    assert len(raised) == 1 and isinstance(raised[0], DataError), raised
+    assert re.search(match, str(raised[0])), raised[0]
+    assert dm.skip_counts()["total"].get("unreadable_shard" if case == "unreadable" else "too_long", 0) >= 2
 
 
 def test_eval_reads_every_sample_once_across_workers(shards):
