@@ -70,3 +70,43 @@ def test_llava_ov_layout_packs_the_base_view_then_tile_rows_closed_by_newlines(t
     _, questions, _ = toy.make_batch(2, random.Random(0), 0)
     assert model(cells, questions).shape == (2, toy.COLOURS)
     assert model.qwen2.config.initializer_range == toy.QWEN2_STD and not list(model.llm)
+
+
+def test_vision_oracle_reads_each_patch_colour_of_a_demo_grid():
+    """experiments/diagnostics/vision_oracle.py: the ids it hands the projector are the cells data/scenes.py drew."""
+    spec = importlib.util.spec_from_file_location("vision_oracle", PATH.parent / "vision_oracle.py")
+    oracle = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(oracle)
+    from visor_lightning.data.scenes import _grid
+
+    names = list(oracle.PALETTE)
+    image = _grid({(1, 2): names[2], (3, 0): names[5], (0, 0): names[0]}, 32)
+    pixels = torch.tensor(list(image.getdata())).float().view(1, 32, 32, 3).permute(0, 3, 1, 2) / 127.5 - 1
+    expected = torch.zeros(16, dtype=torch.long)  # background everywhere else
+    expected[1 * 4 + 2], expected[3 * 4 + 0], expected[0] = 1 + 2, 1 + 5, 1 + 0
+    assert torch.equal(oracle.oracle_ids(pixels, 8)[0], expected)
+    grey = torch.zeros(1, 3, 32, 32)  # a colour that is none of them
+    assert (oracle.oracle_ids(grey, 8) == oracle.OTHER).all()
+
+
+def test_demo_questions_share_the_digits_between_row_and_column(toy):
+    cells, questions, answers = toy.make_batch(200, random.Random(0), fillers=7, question="demo", after=8)
+    assert questions.shape == (200, 7 + 6 + 8)
+    assert (questions[:, :7] == toy.FILLER).all() and (questions[:, -8:] == toy.FILLER).all()
+    q = questions[:, 7:13]
+    assert (q[:, 1] == toy.ROW_WORD).all() and (q[:, 3] == toy.COLUMN_WORD).all()
+    row, col = q[:, 2] - toy.DIGIT0, q[:, 4] - toy.DIGIT0
+    assert row.min() >= 0 and col.max() < 4
+    named = cells[torch.arange(200), row * 4 + col]
+    assert (named != toy.EMPTY).all() and (named - 1 == answers).all()
+
+
+def test_siglip_tower_hands_the_projector_its_last_used_layer(toy):
+    model = toy.Toy("pixels", 2, llm="qwen2", tower="siglip", rope_theta=100.0)
+    assert model.qwen2.rotary_emb.inv_freq[1].item() == pytest.approx(100.0 ** -0.125) and len(model.siglip.encoder.layers) == 2
+    cells = torch.randint(0, toy.COLOURS + 1, (2, 16))
+    x = model.siglip.embeddings(toy.render(cells))
+    for layer in model.siglip.encoder.layers:
+        x = layer(x, attention_mask=None)
+        x = x[0] if isinstance(x, tuple) else x
+    assert torch.allclose(model.visual_tokens(cells), model.projector(x))

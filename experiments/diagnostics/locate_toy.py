@@ -17,7 +17,10 @@ Two switches bring it closer to the demo: ``--llm qwen2`` swaps the stand-in blo
 the demo base's shape and init (``initializer_range`` 0.072; the text and ``embed`` vectors drawn at the same std,
 as the demo's text embeddings and projector are), and ``--layout llava-ov`` hands the visual tokens over as the
 demo's AnyRes packing does at 32 px: the base view's 16, then the same 16 again as the tile with a newline token
-closing each row (36 tokens).
+closing each row (36 tokens). ``--question demo --fillers 7 --after 8`` asks as the demo's tokenizer and chat template
+do ("row", a digit, "column", a digit, with the template's tokens around the question), ``--rope-theta`` sets the
+Qwen2 LLM's RoPE base, and ``--vision-tower siglip`` puts transformers' SigLIP (the demo's shape and init) behind the
+pixels.
 
 Not product code: nothing here is imported by visor_lightning. Usage:
     python experiments/diagnostics/locate_toy.py --cells pixels --vision-layers 2 --seeds 0 1 2
@@ -41,10 +44,14 @@ EMPTY = 0  # cell value 0 is empty; 1..6 are the scenes' colours in their order
 PALETTE = torch.tensor([BACKGROUND, *SCENE_PALETTE.values()]).float() / 127.5 - 1  # SigLIP-normalised
 FILLER, WHAT, ASK = 0, 1, 2  # text vocabulary: 3 markers, then 4 row words, then 4 column words
 ROW0, COL0, VOCAB = 3, 7, 11
+# --question demo: "row", a digit, "column", a digit, as the demo's tokenizer splits "row 2, column 3" (the digits
+# shared by both parts of the address); the words reuse ids of the vocabulary above
+ROW_WORD, DIGIT0, COLUMN_WORD = ROW0, ROW0 + 1, COL0 + 3
 
 
-def make_batch(n: int, rng: random.Random, fillers: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(cells [n, 16], question tokens [n, fillers + 4], answer colour index [n])."""
+def make_batch(n: int, rng: random.Random, fillers: int, question: str = "cells",
+               after: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cells [n, 16], question tokens [n, fillers + 4 (6 for ``question="demo"``) + after], answer colour [n])."""
     cells, questions, answers = [], [], []
     for _ in range(n):
         grid = [EMPTY] * GRID * GRID
@@ -52,7 +59,11 @@ def make_batch(n: int, rng: random.Random, fillers: int) -> tuple[torch.Tensor, 
             grid[p] = 1 + rng.randrange(COLOURS)
         p = rng.choice([i for i, c in enumerate(grid) if c != EMPTY])
         cells.append(grid)
-        questions.append([FILLER] * fillers + [WHAT, ROW0 + p // GRID, COL0 + p % GRID, ASK])
+        if question == "demo":
+            q = [WHAT, ROW_WORD, DIGIT0 + p // GRID, COLUMN_WORD, DIGIT0 + p % GRID, ASK]
+        else:
+            q = [WHAT, ROW0 + p // GRID, COL0 + p % GRID, ASK]
+        questions.append([FILLER] * fillers + q + [FILLER] * after)
         answers.append(grid[p] - 1)
     return torch.tensor(cells), torch.tensor(questions), torch.tensor(answers)
 
@@ -111,7 +122,7 @@ QWEN2_STD = 0.072  # the demo base's backbone.text.initializer_range
 
 class Toy(nn.Module):
     def __init__(self, cells: str, vision_layers: int, patch_init: str = "siglip", llm: str = "standin",
-                 layout: str = "grid") -> None:
+                 layout: str = "grid", rope_theta: float = 1e4, tower: str = "standin") -> None:
         super().__init__()
         self.cells, self.layout = cells, layout
         self.embed = nn.Embedding(COLOURS + 1, D) if cells == "embed" else None
@@ -123,7 +134,18 @@ class Toy(nn.Module):
                 nn.init.zeros_(self.patch.bias)
             self.position = nn.Parameter(torch.randn(GRID * GRID, D) / D ** 0.5)  # SigLIP's init
             self.vision = nn.ModuleList(Block(causal=False) for _ in range(vision_layers))
+        self.siglip = None
         self.projector = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, D))
+        if cells == "pixels" and tower == "siglip":  # transformers' SigLIP in the demo's shape and init
+            from transformers import SiglipVisionConfig, SiglipVisionModel
+
+            self.siglip = SiglipVisionModel(SiglipVisionConfig(
+                hidden_size=D, num_hidden_layers=max(vision_layers, 1), num_attention_heads=2, intermediate_size=128,
+                image_size=SIDE, patch_size=CELL))
+            self.siglip_layers = vision_layers
+            for lin in (self.projector[0], self.projector[2]):  # LLaVA-OV's projector init in the demo
+                nn.init.normal_(lin.weight, std=QWEN2_STD)
+                nn.init.zeros_(lin.bias)
         self.text = nn.Embedding(VOCAB, D)
         self.llm = nn.ModuleList(Block(causal=True) for _ in range(6))
         self.qwen2 = None
@@ -132,7 +154,7 @@ class Toy(nn.Module):
 
             self.qwen2 = Qwen2Model(Qwen2Config(
                 hidden_size=D, num_hidden_layers=6, num_attention_heads=HEADS, num_key_value_heads=2,
-                intermediate_size=256, rope_theta=1e4, vocab_size=VOCAB, max_position_embeddings=256,
+                intermediate_size=256, rope_theta=rope_theta, vocab_size=VOCAB, max_position_embeddings=256,
                 initializer_range=QWEN2_STD))
             self.llm = nn.ModuleList()
             for e in (self.text, self.embed):
@@ -147,6 +169,12 @@ class Toy(nn.Module):
             return self.embed(cells)
         if self.cells == "rgb":
             return self.projector(self.rgb(PALETTE[cells]))
+        if self.siglip is not None:  # LLaVA-OV reads hidden_states[-1]: the last used layer, no post-layernorm
+            x = self.siglip.embeddings(render(cells))
+            for layer in self.siglip.encoder.layers[: self.siglip_layers]:
+                x = layer(x, attention_mask=None)
+                x = x[0] if isinstance(x, tuple) else x
+            return self.projector(x)
         x = self.patch(render(cells)).flatten(2).transpose(1, 2) + self.position
         for block in self.vision:
             x = block(x)
@@ -171,16 +199,17 @@ class Toy(nn.Module):
 
 def run(cells: str, vision_layers: int = 0, fillers: int = 0, steps: int = 600, seed: int = 0, lr: float = 3e-3,
         eval_every: int = 150, quiet: bool = False, patch_init: str = "siglip", llm: str = "standin",
-        layout: str = "grid") -> float:
+        layout: str = "grid", question: str = "cells", after: int = 0, rope_theta: float = 1e4,
+        tower: str = "standin") -> float:
     """Train one toy from scratch (batch 16, AdamW betas 0.9/0.95 as the demo); return held-out accuracy."""
     torch.manual_seed(seed)
-    model = Toy(cells, vision_layers, patch_init, llm, layout)
+    model = Toy(cells, vision_layers, patch_init, llm, layout, rope_theta, tower)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    rng, dev = random.Random(seed), make_batch(1000, random.Random(10_000 + seed), fillers)
+    rng, dev = random.Random(seed), make_batch(1000, random.Random(10_000 + seed), fillers, question, after)
     start, acc = time.perf_counter(), 0.0
     for step in range(1, steps + 1):
-        cells_b, question, answer = make_batch(16, rng, fillers)
-        loss = F.cross_entropy(model(cells_b, question), answer)
+        cells_b, asked, answer = make_batch(16, rng, fillers, question, after)
+        loss = F.cross_entropy(model(cells_b, asked), answer)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -204,6 +233,12 @@ def main() -> None:
     p.add_argument("--layout", choices=("grid", "llava-ov"), default="grid",
                    help="16 cell tokens, or the demo's 36 (base view + tile rows with newline tokens)")
     p.add_argument("--fillers", type=int, default=0, help="text tokens between the image and the question")
+    p.add_argument("--after", type=int, default=0, help="text tokens between the question and the answer (the demo: 8)")
+    p.add_argument("--question", choices=("cells", "demo"), default="cells",
+                   help="one token per row and per column, or the demo's 'row', digit, 'column', digit")
+    p.add_argument("--rope-theta", type=float, default=1e4, help="the Qwen2 LLM's RoPE base (--llm qwen2)")
+    p.add_argument("--vision-tower", choices=("standin", "siglip"), default="standin",
+                   help="pixels: stand-in ViT blocks, or transformers' SigLIP in the demo's shape and init")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -213,10 +248,12 @@ def main() -> None:
     accs = []
     for seed in a.seeds:
         print(f"seed {seed}: cells={a.cells} vision_layers={a.vision_layers} patch_init={a.patch_init} "
-              f"llm={a.llm} layout={a.layout} fillers={a.fillers} lr={a.lr}")
+              f"llm={a.llm} layout={a.layout} fillers={a.fillers} after={a.after} question={a.question} "
+              f"rope_theta={a.rope_theta} vision_tower={a.vision_tower} lr={a.lr}")
         accs.append(run(a.cells, a.vision_layers, a.fillers, a.steps, seed, a.lr, patch_init=a.patch_init,
-                        llm=a.llm, layout=a.layout))
-    cells, _, answers = make_batch(20_000, random.Random(1), a.fillers)
+                        llm=a.llm, layout=a.layout, question=a.question, after=a.after, rope_theta=a.rope_theta,
+                        tower=a.vision_tower))
+    cells, _, answers = make_batch(20_000, random.Random(1), a.fillers, a.question, a.after)
     print(f"held-out accuracy at step {a.steps}: " + " / ".join(f"{100 * x:.1f}" for x in accs)
           + f"% (seeds {a.seeds}); chance {100 / COLOURS:.1f}%, the image's most frequent colour "
           f"{100 * most_frequent_colour_accuracy(cells, answers):.1f}%")
