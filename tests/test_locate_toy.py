@@ -103,10 +103,9 @@ def test_demo_questions_share_the_digits_between_row_and_column(toy):
 
 def test_siglip_tower_hands_the_projector_its_last_used_layer(toy):
     model = toy.Toy("pixels", 2, llm="qwen2", tower="siglip", rope_theta=100.0)
-    assert model.qwen2.rotary_emb.inv_freq[1].item() == pytest.approx(100.0 ** -0.125) and len(model.siglip.encoder.layers) == 2
+    assert model.qwen2.rotary_emb.inv_freq[1].item() == pytest.approx(100.0 ** -0.125)
     cells = torch.randint(0, toy.COLOURS + 1, (2, 16))
-    x = model.siglip.embeddings(toy.render(cells))
-    for layer in model.siglip.encoder.layers:
-        x = layer(x, attention_mask=None)
-        x = x[0] if isinstance(x, tuple) else x
-    assert torch.allclose(model.visual_tokens(cells), model.projector(x))
+    tower = model.siglip.tower  # transformers' own forward: hidden_states[2] is the second layer's output
+    x = tower(pixel_values=toy.render(cells), output_hidden_states=True).hidden_states[2]
+    assert len(tower.encoder.layers) == 2
+    assert torch.allclose(model.visual_tokens(cells), model.projector(x), atol=1e-6)

@@ -139,10 +139,12 @@ class Toy(nn.Module):
         if cells == "pixels" and tower == "siglip":  # transformers' SigLIP in the demo's shape and init
             from transformers import SiglipVisionConfig, SiglipVisionModel
 
-            self.siglip = SiglipVisionModel(SiglipVisionConfig(
+            from visor_lightning.models.vision import VisionEncoder
+
+            tower = SiglipVisionModel(SiglipVisionConfig(
                 hidden_size=D, num_hidden_layers=max(vision_layers, 1), num_attention_heads=2, intermediate_size=128,
                 image_size=SIDE, patch_size=CELL))
-            self.siglip_layers = vision_layers
+            self.siglip = VisionEncoder(tower, feature_layer=vision_layers)  # the demo's: up to LLaVA's feature layer
             for lin in (self.projector[0], self.projector[2]):  # LLaVA-OV's projector init in the demo
                 nn.init.normal_(lin.weight, std=QWEN2_STD)
                 nn.init.zeros_(lin.bias)
@@ -169,12 +171,8 @@ class Toy(nn.Module):
             return self.embed(cells)
         if self.cells == "rgb":
             return self.projector(self.rgb(PALETTE[cells]))
-        if self.siglip is not None:  # LLaVA-OV reads hidden_states[-1]: the last used layer, no post-layernorm
-            x = self.siglip.embeddings(render(cells))
-            for layer in self.siglip.encoder.layers[: self.siglip_layers]:
-                x = layer(x, attention_mask=None)
-                x = x[0] if isinstance(x, tuple) else x
-            return self.projector(x)
+        if self.siglip is not None:
+            return self.projector(self.siglip(render(cells)))
         x = self.patch(render(cells)).flatten(2).transpose(1, 2) + self.position
         for block in self.vision:
             x = block(x)
