@@ -137,8 +137,8 @@ def test_missing_shards_are_named_before_training(shards, tmp_path):
         resolve_shards(str(copy / "easy-*.tar"))
 
 
-@pytest.mark.parametrize("case", ["unreadable", "too_long"])
-def test_a_training_stream_with_nothing_to_train_on_raises(shards, tmp_path, case):
+@pytest.mark.parametrize("case,workers", [("unreadable", 0), ("unreadable", 2), ("too_long", 0)])
+def test_a_training_stream_with_nothing_to_train_on_raises(shards, tmp_path, case, workers):
     """Resampling never runs dry, so a stream whose shards give no usable sample must say so instead of
     spinning: shards that are not tar files, or samples that all fail to encode (every one too long)."""
     from visor_lightning.data.schema import DataError
@@ -151,7 +151,7 @@ def test_a_training_stream_with_nothing_to_train_on_raises(shards, tmp_path, cas
     else:
         kw = {"max_length": 8}
     dm = VisorDataModule(train=train, tokenizer=shards.tokenizer_dir, backbone=shards.spec, batch_size=2,
-                         num_workers=0, batches_per_epoch=3, **kw)
+                         num_workers=workers, batches_per_epoch=3, **kw)
     dm.setup("fit")
     raised: list[BaseException] = []
 
@@ -165,7 +165,7 @@ def test_a_training_stream_with_nothing_to_train_on_raises(shards, tmp_path, cas
     reader.start()
     reader.join(120)
     assert not reader.is_alive(), "the training stream is still resampling shards that give nothing"
-    assert len(raised) == 1 and isinstance(raised[0], DataError), raised
+    assert len(raised) == 1 and isinstance(raised[0], DataError), raised  # re-raised from a worker as well
     assert re.search(match, str(raised[0])), raised[0]
     assert dm.skip_counts()["total"].get("unreadable_shard" if case == "unreadable" else "too_long", 0) >= 2
 
