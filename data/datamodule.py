@@ -57,7 +57,7 @@ def resolve_shards(spec: str | list[str], *, field: str = "shards") -> list[str]
 
 
 def _existing(urls: list[str], field: str, source: str = "") -> list[str]:
-    """``urls`` if every local shard is a readable file; otherwise a FileNotFoundError naming the first missing one
+    """``urls`` if every local shard is an existing file; otherwise a FileNotFoundError naming the first missing one
     (a training stream resamples its shards, so a missing one would otherwise be skipped over and over)."""
     missing = [u for u in urls if not Path(u).is_file()]
     if missing:

@@ -94,15 +94,21 @@ def decode_sample(raw: dict[str, Any], stats: SkipStats, max_pixels: int = DEFAU
     return Example(key, url, conv, image)
 
 
-def read_samples(urls: Iterable[str | dict], stats: SkipStats, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Example]:
-    """Every valid sample of the shards in order (``urls`` may be WebDataset's ``{"url": ...}`` dicts)."""
+def read_samples(urls: Iterable[str | dict], stats: SkipStats, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 on_shard_end: Callable[[str, int], None] | None = None) -> Iterator[Example]:
+    """Every valid sample of the shards in order (``urls`` may be WebDataset's ``{"url": ...}`` dicts);
+    ``on_shard_end(url, valid)`` hears how many valid samples each shard gave once it is read to its end."""
     for u in urls:
         url = u["url"] if isinstance(u, dict) else u
+        valid = 0
         for raw in raw_samples(url, stats):
             ex = decode_sample(raw, stats, max_pixels)
             if ex is not None:
                 stats.add("read")
+                valid += 1
                 yield ex
+        if on_shard_end is not None:
+            on_shard_end(url, valid)
 
 
 class StarvationGuard:
@@ -232,15 +238,6 @@ class ShardStream(IterableDataset):
                 guard.encoded = True
             yield encoded
 
-    def _read_guarded(self, shards: Iterable[str | dict], guard: StarvationGuard) -> Iterator[Example]:
-        for u in shards:
-            url = u["url"] if isinstance(u, dict) else u
-            valid = 0
-            for ex in read_samples([url], self.stats, self.max_pixels):
-                valid += 1
-                yield ex
-            guard.shard_read(url, valid)
-
     def pipeline(self):
         import webdataset as wds
 
@@ -253,7 +250,7 @@ class ShardStream(IterableDataset):
             guard = StarvationGuard(self.urls, self.stats)
             stages = [
                 shards,
-                lambda src: self._read_guarded(src, guard),
+                lambda src: read_samples(src, self.stats, self.max_pixels, on_shard_end=guard.shard_read),
                 wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 64), rng=random.Random(seed)),
                 lambda src: self._encoded(src, guard),
                 wds.batched(self.batch_size, collation_fn=self.collate, partial=False),
