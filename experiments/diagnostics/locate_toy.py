@@ -141,10 +141,10 @@ class Toy(nn.Module):
 
             from visor_lightning.models.vision import VisionEncoder
 
-            tower = SiglipVisionModel(SiglipVisionConfig(
+            siglip = SiglipVisionModel(SiglipVisionConfig(
                 hidden_size=D, num_hidden_layers=max(vision_layers, 1), num_attention_heads=2, intermediate_size=128,
                 image_size=SIDE, patch_size=CELL))
-            self.siglip = VisionEncoder(tower, feature_layer=vision_layers)  # the demo's: up to LLaVA's feature layer
+            self.siglip = VisionEncoder(siglip, feature_layer=vision_layers)  # the demo's: up to LLaVA's feature layer
             for lin in (self.projector[0], self.projector[2]):  # LLaVA-OV's projector init in the demo
                 nn.init.normal_(lin.weight, std=QWEN2_STD)
                 nn.init.zeros_(lin.bias)
