@@ -109,3 +109,25 @@ def test_siglip_tower_hands_the_projector_its_last_used_layer(toy):
     x = tower(pixel_values=toy.render(cells), output_hidden_states=True).hidden_states[2]
     assert len(tower.encoder.layers) == 2
     assert torch.allclose(model.visual_tokens(cells), model.projector(x), atol=1e-6)
+
+
+def test_demo_head_oracle_tokens_and_cosine_schedule_match_the_real_base(toy, monkeypatch):
+    """--head vocab scores the colours among 384 tokens; --oracle puts unit-scale colour vectors through the
+    projector (vision_oracle.py's tokens); --schedule cosine warms up for 30 steps and decays to 0.1."""
+    model = toy.Toy("embed", 0, llm="qwen2", layout="llava-ov", head="vocab", oracle=True)
+    cells = torch.randint(0, toy.COLOURS + 1, (2, 16))
+    assert torch.allclose(model.visual_tokens(cells), model.projector(model.embed(cells)))
+    assert 0.8 < model.embed.weight.std().item() < 1.2 and model.projector[2].weight.std().item() < 0.1
+    _, questions, _ = toy.make_batch(2, random.Random(0), 0, question="demo")
+    assert model(cells, questions).shape == (2, toy.DEMO_VOCAB)
+    lrs = []
+    real_step = torch.optim.AdamW.step
+
+    def record(self, *a, **k):
+        lrs.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    toy.run("embed", steps=60, llm="standin", eval_every=60, quiet=True, schedule="cosine", lr=1e-2)
+    assert len(lrs) == 60 and lrs[0] == pytest.approx(1e-2 / 30) and lrs[29] == pytest.approx(1e-2)
+    assert lrs[-1] == pytest.approx(1e-3, rel=0.05) and all(a >= b for a, b in zip(lrs[29:], lrs[30:]))

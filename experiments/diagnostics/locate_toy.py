@@ -29,6 +29,7 @@ Not product code: nothing here is imported by visor_lightning. Usage:
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import time
 
@@ -118,11 +119,13 @@ class Block(nn.Module):
 
 
 QWEN2_STD = 0.072  # the demo base's backbone.text.initializer_range
+DEMO_VOCAB = 384  # the demo tokenizer's vocabulary, padded to a multiple of 64 (--head vocab)
 
 
 class Toy(nn.Module):
     def __init__(self, cells: str, vision_layers: int, patch_init: str = "siglip", llm: str = "standin",
-                 layout: str = "grid", rope_theta: float = 1e4, tower: str = "standin") -> None:
+                 layout: str = "grid", rope_theta: float = 1e4, tower: str = "standin", head: str = "colours",
+                 oracle: bool = False) -> None:
         super().__init__()
         self.cells, self.layout = cells, layout
         self.embed = nn.Embedding(COLOURS + 1, D) if cells == "embed" else None
@@ -163,12 +166,21 @@ class Toy(nn.Module):
                 if e is not None:
                     nn.init.normal_(e.weight, std=QWEN2_STD)
         self.head = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, COLOURS))
+        if head == "vocab":  # the demo's LM head: the answer is one of 384 tokens, read after Qwen2's final norm
+            self.head = nn.Linear(D, DEMO_VOCAB, bias=False)
+            nn.init.normal_(self.head.weight, std=QWEN2_STD)
+        self.oracle = oracle
+        if oracle:  # vision_oracle.py's tokens: a unit-scale vector per colour, then the demo's projector
+            nn.init.normal_(self.embed.weight, std=1.0)
+            for lin in (self.projector[0], self.projector[2]):
+                nn.init.normal_(lin.weight, std=QWEN2_STD)
+                nn.init.zeros_(lin.bias)
         if layout == "llava-ov":  # LLaVA-OV's image_newline; drawn last, so the other inits match the grid layout's
             self.newline = nn.Parameter(torch.randn(D) / D ** 0.5)
 
     def visual_tokens(self, cells: torch.Tensor) -> torch.Tensor:
         if self.cells == "embed":
-            return self.embed(cells)
+            return self.projector(self.embed(cells)) if self.oracle else self.embed(cells)
         if self.cells == "rgb":
             return self.projector(self.rgb(PALETTE[cells]))
         if self.siglip is not None:
@@ -198,11 +210,20 @@ class Toy(nn.Module):
 def run(cells: str, vision_layers: int = 0, fillers: int = 0, steps: int = 600, seed: int = 0, lr: float = 3e-3,
         eval_every: int = 150, quiet: bool = False, patch_init: str = "siglip", llm: str = "standin",
         layout: str = "grid", question: str = "cells", after: int = 0, rope_theta: float = 1e4,
-        tower: str = "standin") -> float:
+        tower: str = "standin", head: str = "colours", oracle: bool = False, schedule: str = "constant") -> float:
     """Train one toy from scratch (batch 16, AdamW betas 0.9/0.95 as the demo); return held-out accuracy."""
     torch.manual_seed(seed)
-    model = Toy(cells, vision_layers, patch_init, llm, layout, rope_theta, tower)
+    model = Toy(cells, vision_layers, patch_init, llm, layout, rope_theta, tower, head, oracle)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+
+    def factor(step: int) -> float:  # --schedule cosine: the demo's (30 warm-up steps, cosine down to 0.1)
+        if schedule == "constant":
+            return 1.0
+        if step < 30:
+            return (step + 1) / 30
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - 30) / max(1, steps - 30))))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     rng, dev = random.Random(seed), make_batch(1000, random.Random(10_000 + seed), fillers, question, after)
     start, acc = time.perf_counter(), 0.0
     for step in range(1, steps + 1):
@@ -211,9 +232,10 @@ def run(cells: str, vision_layers: int = 0, fillers: int = 0, steps: int = 600, 
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
         if step % eval_every == 0 or step == steps:
             with torch.no_grad():
-                acc = (model(dev[0], dev[1]).argmax(-1) == dev[2]).float().mean().item()
+                acc = (model(dev[0], dev[1])[:, :COLOURS].argmax(-1) == dev[2]).float().mean().item()
             if not quiet:
                 print(f"  step {step}: held-out accuracy {100 * acc:.1f}% ({time.perf_counter() - start:.0f} s)",
                       flush=True)
@@ -237,6 +259,12 @@ def main() -> None:
     p.add_argument("--rope-theta", type=float, default=1e4, help="the Qwen2 LLM's RoPE base (--llm qwen2)")
     p.add_argument("--vision-tower", choices=("standin", "siglip"), default="standin",
                    help="pixels: stand-in ViT blocks, or transformers' SigLIP in the demo's shape and init")
+    p.add_argument("--head", choices=("colours", "vocab"), default="colours",
+                   help="a 6-way colour head, or the demo's LM head over 384 tokens (the colours are 6 of them)")
+    p.add_argument("--oracle", action="store_true",
+                   help="--cells embed as vision_oracle.py makes them: unit-scale vectors, then the demo's projector")
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                   help="constant learning rate, or the demo's 30 warm-up steps and cosine decay to 0.1")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -247,10 +275,11 @@ def main() -> None:
     for seed in a.seeds:
         print(f"seed {seed}: cells={a.cells} vision_layers={a.vision_layers} patch_init={a.patch_init} "
               f"llm={a.llm} layout={a.layout} fillers={a.fillers} after={a.after} question={a.question} "
-              f"rope_theta={a.rope_theta} vision_tower={a.vision_tower} lr={a.lr}")
+              f"rope_theta={a.rope_theta} vision_tower={a.vision_tower} lr={a.lr} head={a.head} oracle={a.oracle} "
+              f"schedule={a.schedule}")
         accs.append(run(a.cells, a.vision_layers, a.fillers, a.steps, seed, a.lr, patch_init=a.patch_init,
                         llm=a.llm, layout=a.layout, question=a.question, after=a.after, rope_theta=a.rope_theta,
-                        tower=a.vision_tower))
+                        tower=a.vision_tower, head=a.head, oracle=a.oracle, schedule=a.schedule))
     cells, _, answers = make_batch(20_000, random.Random(1), a.fillers, a.question, a.after)
     print(f"held-out accuracy at step {a.steps}: " + " / ".join(f"{100 * x:.1f}" for x in accs)
           + f"% (seeds {a.seeds}); chance {100 / COLOURS:.1f}%, the image's most frequent colour "
