@@ -131,3 +131,8 @@ def test_demo_head_oracle_tokens_and_cosine_schedule_match_the_real_base(toy, mo
     toy.run("embed", steps=60, llm="standin", eval_every=60, quiet=True, schedule="cosine", lr=1e-2)
     assert len(lrs) == 60 and lrs[0] == pytest.approx(1e-2 / 30) and lrs[29] == pytest.approx(1e-2)
     assert lrs[-1] == pytest.approx(1e-3, rel=0.05) and all(a >= b for a, b in zip(lrs[29:], lrs[30:]))
+
+
+def test_oracle_tokens_need_embed_cells(toy):
+    with pytest.raises(ValueError, match="--oracle shapes --cells embed"):
+        toy.Toy("rgb", 0, oracle=True)

@@ -170,6 +170,8 @@ class Toy(nn.Module):
             self.head = nn.Linear(D, DEMO_VOCAB, bias=False)
             nn.init.normal_(self.head.weight, std=QWEN2_STD)
         self.oracle = oracle
+        if oracle and cells != "embed":
+            raise ValueError(f"--oracle shapes --cells embed (vision_oracle.py's tokens), not --cells {cells}")
         if oracle:  # vision_oracle.py's tokens: a unit-scale vector per colour, then the demo's projector
             nn.init.normal_(self.embed.weight, std=1.0)
             for lin in (self.projector[0], self.projector[2]):
