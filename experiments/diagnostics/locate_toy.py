@@ -29,7 +29,6 @@ Not product code: nothing here is imported by visor_lightning. Usage:
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import time
 
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visor_lightning.data.scenes import BACKGROUND, CELL, PALETTE as SCENE_PALETTE
+from visor_lightning.lit.module import warmup_cosine
 
 D, HEADS, GRID, COLOURS = 64, 4, 4, len(SCENE_PALETTE)
 SIDE = GRID * CELL  # the demo's 32-px canvas
@@ -148,9 +148,7 @@ class Toy(nn.Module):
                 hidden_size=D, num_hidden_layers=max(vision_layers, 1), num_attention_heads=2, intermediate_size=128,
                 image_size=SIDE, patch_size=CELL))
             self.siglip = VisionEncoder(siglip, feature_layer=vision_layers)  # the demo's: up to LLaVA's feature layer
-            for lin in (self.projector[0], self.projector[2]):  # LLaVA-OV's projector init in the demo
-                nn.init.normal_(lin.weight, std=QWEN2_STD)
-                nn.init.zeros_(lin.bias)
+            self._demo_projector_init()
         self.text = nn.Embedding(VOCAB, D)
         self.llm = nn.ModuleList(Block(causal=True) for _ in range(6))
         self.qwen2 = None
@@ -174,11 +172,15 @@ class Toy(nn.Module):
             raise ValueError(f"--oracle shapes --cells embed (vision_oracle.py's tokens), not --cells {cells}")
         if oracle:  # vision_oracle.py's tokens: a unit-scale vector per colour, then the demo's projector
             nn.init.normal_(self.embed.weight, std=1.0)
-            for lin in (self.projector[0], self.projector[2]):
-                nn.init.normal_(lin.weight, std=QWEN2_STD)
-                nn.init.zeros_(lin.bias)
+            self._demo_projector_init()
         if layout == "llava-ov":  # LLaVA-OV's image_newline; drawn last, so the other inits match the grid layout's
             self.newline = nn.Parameter(torch.randn(D) / D ** 0.5)
+
+    def _demo_projector_init(self) -> None:
+        """LLaVA-OV's projector as the demo draws it: weights at the LLM's std, zero biases."""
+        for lin in (self.projector[0], self.projector[2]):
+            nn.init.normal_(lin.weight, std=QWEN2_STD)
+            nn.init.zeros_(lin.bias)
 
     def visual_tokens(self, cells: torch.Tensor) -> torch.Tensor:
         if self.cells == "embed":
@@ -218,14 +220,8 @@ def run(cells: str, vision_layers: int = 0, fillers: int = 0, steps: int = 600, 
     model = Toy(cells, vision_layers, patch_init, llm, layout, rope_theta, tower, head, oracle)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
 
-    def factor(step: int) -> float:  # --schedule cosine: the demo's (30 warm-up steps, cosine down to 0.1)
-        if schedule == "constant":
-            return 1.0
-        if step < 30:
-            return (step + 1) / 30
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - 30) / max(1, steps - 30))))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 if schedule == "constant" else
+                                              warmup_cosine(step, 30, steps, 0.1))  # the demo base's: 30 warm-up, 0.1
     rng, dev = random.Random(seed), make_batch(1000, random.Random(10_000 + seed), fillers, question, after)
     start, acc = time.perf_counter(), 0.0
     for step in range(1, steps + 1):

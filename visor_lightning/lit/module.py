@@ -34,6 +34,14 @@ _PART_PREFIXES = (("vision.", "vision"), ("connector.cpe.", "cpe"), ("connector.
                   ("lm.ca_blocks.", "ca"), ("lm.", "lm"), ("policy.", "policy"))
 
 
+def warmup_cosine(step: int, warmup_steps: int, total: int, min_lr_ratio: float) -> float:
+    """The learning-rate factor of every stage: linear warm-up, then cosine decay to ``min_lr_ratio`` at ``total``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    t = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
 def part_of(name: str) -> str:
     for prefix, part in _PART_PREFIXES:
         if name.startswith(prefix):
@@ -251,14 +259,8 @@ class VisorLitModule(pl.LightningModule):
             raise ValueError(f"{self.stage}: nothing to train (train_parts={self.train_parts})")
         opt = torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay, betas=tuple(h.betas))
         total = max(1, int(self.trainer.estimated_stepping_batches))
-
-        def factor(step: int) -> float:
-            if step < h.warmup_steps:
-                return (step + 1) / h.warmup_steps
-            t = min(1.0, (step - h.warmup_steps) / max(1, total - h.warmup_steps))
-            return h.min_lr_ratio + (1 - h.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: warmup_cosine(step, h.warmup_steps, total, h.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ---- evaluation ---------------------------------------------------------------------------------
