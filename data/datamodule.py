@@ -91,6 +91,10 @@ class VisorDataModule(pl.LightningDataModule):
         num_workers: DataLoader worker processes per rank (decode + tokenise + tile).
         batches_per_epoch: training batches per epoch on every rank (rounded up to a multiple of workers).
         shuffle_buffer: samples held for shuffling the resampled training stream.
+        shuffle_initial: samples read before the first is yielded (None: the whole ``shuffle_buffer``). The
+            default starts after 64, so the first batches come from the first shards read: for a short stage on
+            several single-family shard sets (a policy's 40 steps) that is one family for most of the run; a full
+            buffer mixes them from the first batch (raw samples are buffered, before decoding: cheap).
         max_length: samples with more tokens (visual ones included) are skipped and counted as ``too_long``.
         max_pixels: images with more pixels are skipped and counted as ``image_too_large``.
         strict: raise on the first bad sample (naming shard and key) instead of skipping and counting.
@@ -109,6 +113,7 @@ class VisorDataModule(pl.LightningDataModule):
         num_workers: int = 2,
         batches_per_epoch: int = 100,
         shuffle_buffer: int = 256,
+        shuffle_initial: int | None = 64,
         max_length: int = 4096,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         strict: bool = False,
@@ -125,6 +130,9 @@ class VisorDataModule(pl.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.batches_per_epoch = num_workers, batches_per_epoch
         self.shuffle_buffer, self.max_length, self.max_pixels = shuffle_buffer, max_length, max_pixels
+        self.shuffle_initial = shuffle_buffer if shuffle_initial is None else shuffle_initial
+        if not 1 <= self.shuffle_initial or shuffle_buffer < 1:
+            raise ValueError(f"data: shuffle_buffer ({shuffle_buffer}) and shuffle_initial ({shuffle_initial}) must be >= 1")
         self.strict, self.seed = strict, seed
         self.swap_images = False  # visor eval sets it: every val set is also read with images swapped
         self.encoder: Encoder | None = None
@@ -167,7 +175,7 @@ class VisorDataModule(pl.LightningDataModule):
             urls, train=train, batch_size=batch_size, encode=_EncodeExample(self.encoder),
             collate=functools.partial(collate, pad_id=self.encoder.pad_id), stats=stats,
             batches_per_worker=self.batches_per_worker if train else 0, shuffle_buffer=self.shuffle_buffer,
-            seed=self.seed, max_pixels=self.max_pixels, swap=swap,
+            shuffle_initial=self.shuffle_initial, seed=self.seed, max_pixels=self.max_pixels, swap=swap,
         )
 
     def train_dataloader(self) -> StreamLoader:

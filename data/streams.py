@@ -204,6 +204,7 @@ class ShardStream(IterableDataset):
         seed: int = 0,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         swap: bool = False,
+        shuffle_initial: int = 64,
     ) -> None:
         super().__init__()
         if swap and train:
@@ -216,6 +217,7 @@ class ShardStream(IterableDataset):
         self.encode, self.collate, self.stats = encode, collate, stats
         self.batches_per_worker, self.shuffle_buffer = batches_per_worker, shuffle_buffer
         self.seed, self.max_pixels, self.swap = seed, max_pixels, swap
+        self.shuffle_initial = shuffle_initial
         self.epoch = 0
         self.num_workers = 0  # set by StreamLoader; gives the epoch length
         self.rank, self.world_size = 0, 1  # set by StreamLoader in the main process (workers may not know it)
@@ -251,7 +253,7 @@ class ShardStream(IterableDataset):
             stages = [
                 shards,
                 lambda src: read_samples(src, self.stats, self.max_pixels, on_shard_end=guard.shard_read),
-                wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 64), rng=random.Random(seed)),
+                wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, self.shuffle_initial), rng=random.Random(seed)),
                 lambda src: self._encoded(src, guard),
                 wds.batched(self.batch_size, collation_fn=self.collate, partial=False),
             ]

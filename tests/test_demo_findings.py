@@ -70,6 +70,6 @@ def test_demo_finding_holds(demo, name):
 def test_demo_reports_its_time_per_stage(demo):
     # the budget (15 minutes on 2 cores) is reported, not asserted: these machines are shared and noisy
     seconds = demo["summary"]["seconds"]
-    assert {"base", "ca_pretrain", "full_finetune", "universal", "dense_long", "policy", "policy_budget",
+    assert {"base", "ca_pretrain", "full_finetune", "universal", "dense_long", "router", "policy", "policy_budget",
             "evaluation", "total"} <= set(seconds)
     assert "seconds per stage:" in demo["summary"]["table"]

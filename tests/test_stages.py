@@ -90,7 +90,7 @@ def test_budget_policy_lands_near_its_target(shards, tmp_path):
     dm.setup("fit")
     batch = next(iter(dm.val_dataloader()[0]))
     # a target between the cheapest and the dearest configuration: no single fixed choice is near it by luck
-    _, _, cost = probe.per_config(batch)
+    _, _, _, cost = probe.per_config(batch)
     lo, hi = float(cost.mean(0).min()), float(cost.mean(0).max())
     target_cost = (lo + hi) / 2
     module = PolicyTraining(backbone=shards.spec, schedule=schedule, policy_width=32, objective="budget",

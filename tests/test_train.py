@@ -104,13 +104,23 @@ def test_pipeline_hands_over_and_summarises(tiny_pipeline):
             like = fixed[name]
             covered.append(name)
             assert abs(mean(r) - mean(like)) <= 0.05 * mean(like), (r["config"], mean(r), mean(like))
-    assert sorted(covered) == sorted(fixed) and len(fixed) == 4 and len(fastv) == 3  # sa[0,3], sa[0,5] cost the same
+    # CA-only is cheaper than FastV dropping every visual token after layer 1: the three others are matched
+    assert sorted(covered) == sorted(set(fixed) - {"sa[]"}) and len(fixed) == 4 and len(fastv) == 3
     assert (out / "fastv" / "eval.json").is_file()
     universal = json.loads((out / "universal" / "weights" / "visor.json").read_text())
-    assert set(universal["search"]["candidates"]) == {"sa[0]", "sa[0,3]", "sa[0,5]", "sa[0,3,5]"}
-    assert summary["search"]["candidates"] == universal["search"]["candidates"]
+    # the nested feasible set of stage1_ca.yaml, CA-only included; no search (it would score every subset)
+    assert universal["schedule"]["feasible"] == [[], [0], [0, 3], [0, 3, 5]] and universal["schedule"]["always_on_sa"] == []
+    assert summary["search"] is None and "search" not in universal
     policy = json.loads((out / "policy" / "weights" / "visor.json").read_text())
-    assert policy["schedule"]["feasible"] == universal["schedule"]["feasible"]
+    router = json.loads((out / "router" / "weights" / "visor.json").read_text())
+    assert policy["schedule"]["feasible"] == router["schedule"]["feasible"] == universal["schedule"]["feasible"]
+    assert (policy["policy_head"], router["policy_head"]) == ("choice", "correctness")
+    # the router's knob sweep: one row per max_acc_drop value of the pipeline, each scored with swapped images too
+    sweep = [r for r in summary["rows"] if r["kind"] == "sweep"]
+    assert [r["knob"] for r in sweep] == [0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1]
+    assert all(r["acc_swapped"]["hard"] is not None and set(r["task_acc"]) >= {"tally", "locate", "beside"} for r in sweep)
+    assert sweep[-1]["mean_sa"] == {"easy": 0.0, "hard": 0.0}  # max_acc_drop=1: always the cheapest, CA-only
+    assert "e_router" in summary["findings"] and "tally" in summary["table"].splitlines()[0]
     # the exported dense base is a real LLaVA-OneVision directory
     from transformers import LlavaOnevisionConfig
 

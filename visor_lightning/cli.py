@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("test", "evaluate on the test loaders (LightningCLI)"),
                        ("pipeline", "all stages in order, weights handed over: visor pipeline --config experiments/debug/pipeline.yaml"),
                        ("eval", "accuracy + FLOPs per eval set for every configuration and the policy: visor eval --config X --ckpt C"),
+                       ("ask", "one image + one question: the answer, the configuration chosen, its predicted correctness, FLOPs vs dense"),
                        ("submit", "one stage as a requeueable Slurm job: visor submit --config X --nodes N --gpus-per-node G"),
                        ("config-reference", "print (or --write) docs/config.md, generated from the typed signatures")):
         sub.add_parser(name, help=text, add_help=False)
@@ -392,6 +393,10 @@ def main(argv: list[str] | None = None) -> int:
         from .commands.evaluate import eval_main
 
         return eval_main(argv[1:])
+    if argv and argv[0] == "ask":
+        from .commands.ask import ask_main
+
+        return ask_main(argv[1:])
     if argv and argv[0] == "config-reference":
         from .commands.config_reference import main as reference_main
 

@@ -49,15 +49,29 @@ def split_names(text: str) -> list[str]:
     return [t.strip() for t in re.split(r",(?![^\[(]*[\])])", text) if t.strip()]
 
 
+def parse_knobs(text: str | None) -> list[float]:
+    """``"0,0.02,0.1"`` -> [0.0, 0.02, 0.1]: the router's ``max_acc_drop`` values, one row each."""
+    from visor_lightning.models.policy import check_knob
+
+    if not text:
+        return []
+    try:
+        return [check_knob(float(v)) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise ValueError(f"--max-acc-drop {text!r}: {e}") from None
+
+
 def run_eval(config: list[str], ckpt: str, *, targets: str = "all", out: str | None = None, run_id: str | None = None,
              extra: list[str] | None = None, swap: bool = True,
-             baseline_train: dict[str, str] | str | None = None) -> dict[str, Any]:
+             baseline_train: dict[str, str] | str | None = None, max_acc_drop: list[float] | None = None) -> dict[str, Any]:
     """Score every target on every ``data.val`` set; with ``swap`` also on each set's swapped-image copy
     (``acc_swapped``), and the question-only baseline per set (``baseline_train``: a training split for all
-    sets, or one per set name; else counted on the set itself)."""
+    sets, or one per set name; else counted on the set itself). ``max_acc_drop``: the router at each of these
+    knob values, one target each (``policy(max_acc_drop=X)``; needs a correctness-trained policy)."""
     from visor_lightning.data.datamodule import SWAPPED
     from visor_lightning.lit.cli import VisorCLI
     from visor_lightning.lit.module import POLICY
+    from visor_lightning.models.policy import knob_target
 
     ckpt_path = Path(ckpt)
     if not ckpt_path.exists():
@@ -74,6 +88,7 @@ def run_eval(config: list[str], ckpt: str, *, targets: str = "all", out: str | N
     wanted = list(names) if targets == "all" else split_names(targets)
     if targets == "all" and module.schedule.router_layer is not None:  # a dense model has nothing to route
         wanted.append(POLICY)
+    wanted += [knob_target(v) for v in max_acc_drop or [] if knob_target(v) not in wanted]
     module.hparams.eval_configs = wanted
     module.eval_targets()  # unknown names fail here, before any data is read
     module.sample_records = []
@@ -182,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="weights/ directory, .ckpt file or DeepSpeed checkpoint directory")
     p.add_argument("--configs", default="all", help="'all' (every feasible configuration + policy) or names, comma-separated; "
                    "on a dense model also the FastV peer, fastv(k=K,r=R)")
+    p.add_argument("--max-acc-drop", default=None, metavar="X[,X...]",
+                   help="a router trained with objective correctness, at each knob value (one row each): the cheapest "
+                   "configuration whose predicted accuracy is at most X below the maximal one's (0 = strictest, 1 = "
+                   "always the cheapest), e.g. 0,0.02,0.05,0.1")
     p.add_argument("--out", default=None, help="where eval.json / eval.md go (default: <ckpt dir>/eval)")
     p.add_argument("--run-id", default=None, help="MLflow run to log into (default: the run that wrote --ckpt)")
     p.add_argument("--no-swap", action="store_true", help="skip the swapped-image control (each set is read once)")
@@ -214,7 +233,8 @@ def eval_main(argv: list[str]) -> int:
     with stdout_for_json(a.json) as out:
         try:
             doc = run_eval(a.config, a.ckpt, targets=a.configs, out=a.out, run_id=a.run_id, extra=extra,
-                           swap=not a.no_swap, baseline_train=parse_baseline_train(a.baseline_train))
+                           swap=not a.no_swap, baseline_train=parse_baseline_train(a.baseline_train),
+                           max_acc_drop=parse_knobs(a.max_acc_drop))
         except (FileNotFoundError, ValueError) as e:
             print(f"visor eval: error: {e}", file=sys.stderr)
             return 2

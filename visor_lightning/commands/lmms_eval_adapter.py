@@ -6,7 +6,7 @@ work on lmms-eval's request layout (``Instance.args``); :mod:`visor_lightning.co
 as lmms-eval's model class, which the package's ``lmms_eval.models`` entry point registers as ``visor``::
 
     lmms-eval --model visor \\
-        --model_args weights=runs/x/policy/weights,processor=/models/llava-onevision-qwen2-0.5b-ov-hf,target=policy \\
+        --model_args weights=runs/x/router/weights,processor=/models/llava-onevision-qwen2-0.5b-ov-hf,target=policy,max_acc_drop=0.05 \\
         --tasks docvqa_val,chartqa,pope --batch_size 8
 
 Prompts go through the checkpoint's chat template with ``<image>`` in front of the task's context, as LLaVA-OV's
@@ -46,12 +46,14 @@ class VisorLMM:
         batch_size: requests per forward (left-padded).
         max_new_tokens: default generation length when the task gives none.
         token_pool: VISOR-TR pooling factor, None keeps the checkpoint's.
+        max_acc_drop: with ``target=policy`` and a router trained with objective correctness, the knob: the
+            cheapest configuration whose predicted accuracy is at most this far below the maximal one's.
         device, dtype: default cuda + bfloat16 when present, else cpu + float32.
     """
 
     def __init__(self, weights: str, processor: str, target: str = POLICY, batch_size: int | str = 1,
                  max_new_tokens: int | str = 32, token_pool: int | str | None = None, device: str | None = None,
-                 dtype: str | None = None) -> None:
+                 dtype: str | None = None, max_acc_drop: float | str | None = None) -> None:
         from visor_lightning.data.collate import Encoder, image_processor_for
         from visor_lightning.data.tokenizer import load_tokenizer
         from visor_lightning.flops import FlopsModel
@@ -77,6 +79,11 @@ class VisorLMM:
         if target == POLICY and sch.router_layer is None:
             raise ValueError(f"target=policy: {weights} has no policy (a single configuration); name one of {sch.names}")
         self.target = target
+        self.max_acc_drop = None if max_acc_drop in (None, "") else float(max_acc_drop)
+        if self.max_acc_drop is not None:
+            if target != POLICY:
+                raise ValueError(f"max_acc_drop={max_acc_drop} steers the router: it needs target=policy, got {target!r}")
+            self.model.policy.knob(self.max_acc_drop)  # a classifier head, or a value outside [0, 1], fails here
         self.encoder = Encoder(load_tokenizer(processor), spec, image_processor_for(spec, processor))
         self.tok = self.encoder.tok
         self.batch_size, self.max_new_tokens = int(batch_size), int(max_new_tokens)
@@ -107,8 +114,19 @@ class VisorLMM:
             b["prompt_ids"].to(dev), b["pixel_values"].to(dev, self.dtype), b["image_sizes"].to(dev),
             b["prompt_mask"].to(dev), max_new_tokens=max_new_tokens, config_ids=cids,
             use_policy=self.target == POLICY, eos_token_id=self.tok.eos_token_id, fastv=self.fastv,
+            max_acc_drop=self.max_acc_drop,
         )
         return self.tok.batch_decode(tokens, skip_special_tokens=True), chosen, b
+
+    @torch.no_grad()
+    def predicted_correctness(self, b: dict[str, Any]) -> torch.Tensor | None:
+        """A correctness router's P(correct) per configuration [B, K] on a collated batch's prompts, else None."""
+        if self.model.policy.head != "correctness" or self.model.schedule.router_layer is None:
+            return None
+        dev = self.device
+        embeds, is_vis = self.model.embed(b["prompt_ids"].to(dev), b["pixel_values"].to(dev, self.dtype), b["image_sizes"].to(dev))
+        out = self.model.lm(embeds, is_vis, b["prompt_mask"].to(dev), policy=self.model.policy, policy_only=True)
+        return self.model.policy.predicted_correctness(out.policy_logits)
 
     def _record(self, keys: list[str], b: dict[str, Any], chosen: torch.Tensor) -> None:
         """Per request of a batch (``keys`` name them): the configuration run and its FLOPs."""
@@ -172,7 +190,8 @@ class VisorLMM:
                 cids = None
                 if self.target == POLICY:  # the configuration the policy picks for this prompt
                     cids = self.model(b["prompt_ids"].to(dev), b["pixel_values"].to(dev, self.dtype), b["image_sizes"].to(dev),
-                                      b["prompt_mask"].to(dev), use_policy=True, last_only=True).lm.config_ids
+                                      b["prompt_mask"].to(dev), use_policy=True, last_only=True,
+                                      max_acc_drop=self.max_acc_drop).lm.config_ids
                 else:
                     cids = torch.tensor([self.model.schedule.index(self.target)], device=dev)
                 res = self.model(b["input_ids"].to(dev), b["pixel_values"].to(dev, self.dtype), b["image_sizes"].to(dev),

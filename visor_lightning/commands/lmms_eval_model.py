@@ -17,15 +17,17 @@ CLASS_PATH = "visor_lightning.commands.lmms_eval_model.Visor"
 
 
 class Visor(lmms):
-    """``--model_args weights=...,processor=...,target=policy|sa[...]|dense|fastv(k=K,r=R)``; lmms-eval's own
+    """``--model_args weights=...,processor=...,target=policy|sa[...]|dense|fastv(k=K,r=R)[,max_acc_drop=X]``
+    (``max_acc_drop``: the knob of a router trained with objective correctness); lmms-eval's own
     ``--batch_size`` and ``--device`` arrive as keyword arguments too (``max_batch_size`` is not used)."""
 
     def __init__(self, weights: str, processor: str, target: str = POLICY, batch_size: int | str = 1,
                  max_new_tokens: int | str = 32, token_pool: int | str | None = None, device: str | None = None,
-                 dtype: str | None = None, **unused: Any) -> None:
+                 dtype: str | None = None, max_acc_drop: float | str | None = None, **unused: Any) -> None:
         super().__init__()
         self.core = VisorLMM(weights=weights, processor=processor, target=target, batch_size=batch_size,
-                             max_new_tokens=max_new_tokens, token_pool=token_pool, device=device, dtype=dtype)
+                             max_new_tokens=max_new_tokens, token_pool=token_pool, device=device, dtype=dtype,
+                             max_acc_drop=max_acc_drop)
 
     def generate_until(self, requests):
         return self.core.generate_until(requests, self.task_dict)

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from visor_lightning.lit.tracking import PARENT_ENV, code_version, run_name, tracking_uri
+from visor_lightning.models.policy import check_knob, knob_target
 
 STAGE_KEYS = {"name", "config", "from", "args"}
-SUMMARY_KEYS = {"dense", "dense_long", "visor", "fastv", "eval"}
+SUMMARY_KEYS = {"dense", "dense_long", "visor", "fastv", "eval", "max_acc_drop"}
 
 
 def load_pipeline(path: str | Path) -> dict[str, Any]:
@@ -47,6 +48,10 @@ def load_pipeline(path: str | Path) -> dict[str, Any]:
                              f"optimizer steps it matches); stages are {every}")
         if every.index(long["stage"]) < max(every.index(n) for n in long["as_long_as"]):
             raise ValueError(f"{path}: stage {long['stage']!r} must come after {long['as_long_as']} (its steps are their sum)")
+    try:
+        [check_knob(v) for v in sm.get("max_acc_drop") or []]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: summary.max_acc_drop must be a list of knob values in [0, 1]: {e}") from None
     bad = set(sm.get("eval") or {}) - {"sets", "baseline_train"}
     if bad:
         raise ValueError(f"{path}: unknown key(s) summary.eval.{sorted(bad)}; expected sets, baseline_train")
@@ -266,8 +271,9 @@ def stage_config(cfg: dict[str, Any], name: str) -> str:
 
 def evaluate_targets(cfg: dict[str, Any], out: Path, done: dict[str, Path], extra: list[str], restart: bool) -> dict[str, dict]:
     """``visor eval`` (swapped-image control and question-only baselines included) of every summary stage on
-    the evaluation sets: the dense rows' model, every fixed configuration and policy of the first VISOR stage,
-    the policy of the others. Kept when ``<out>/eval/<stage>/eval.json`` exists (a resumed pipeline)."""
+    the evaluation sets: the dense rows' model, every fixed configuration and policy of the first VISOR stage
+    (with ``summary.max_acc_drop``: its router at each knob value), the policy of the others. Kept when
+    ``<out>/eval/<stage>/eval.json`` exists with the same targets (a resumed pipeline)."""
     from visor_lightning.commands.evaluate import run_eval
 
     sm = cfg.get("summary") or {}
@@ -275,16 +281,22 @@ def evaluate_targets(cfg: dict[str, Any], out: Path, done: dict[str, Path], extr
     plan = [(n, "all") for n in (sm.get("dense"), (sm.get("dense_long") or {}).get("stage")) if n]
     plan += [(n, "all" if i == 0 else "policy") for i, n in enumerate(visor)]
     baseline = (sm.get("eval") or {}).get("baseline_train")
+    knobs = list(sm.get("max_acc_drop") or [])
     docs = {}
     for name, targets in plan:
         where = out / "eval" / name
+        sweep = knobs if name == visor[0] else []
         if not restart and (where / "eval.json").is_file():
-            print(f"== eval {name}: done earlier ({where}/eval.json), kept")
-            docs[name] = json.loads((where / "eval.json").read_text())
-            continue
-        print(f"== eval {name} ({targets}) on the evaluation sets, real and swapped images")
+            prev = json.loads((where / "eval.json").read_text())
+            if all(knob_target(v) in next(iter(prev["results"].values())) for v in sweep):
+                print(f"== eval {name}: done earlier ({where}/eval.json), kept")
+                docs[name] = prev
+                continue
+        print(f"== eval {name} ({targets}{', max_acc_drop ' + ','.join(f'{v:g}' for v in sweep) if sweep else ''}) "
+              "on the evaluation sets, real and swapped images")
         docs[name] = run_eval([stage_config(cfg, name)], str(done[name] / "weights"), targets=targets, out=str(where),
-                              extra=stage_extra(cfg, name) + extra + eval_sets_args(cfg), baseline_train=baseline)
+                              extra=stage_extra(cfg, name) + extra + eval_sets_args(cfg), baseline_train=baseline,
+                              max_acc_drop=sweep)
     return docs
 
 
@@ -299,7 +311,7 @@ def fastv_peer(cfg: dict[str, Any], out: Path, done: dict[str, Path], docs: dict
     """
     from visor_lightning.commands.evaluate import run_eval
     from visor_lightning.flops import FlopsModel
-    from visor_lightning.lit.module import _saved_spec
+    from visor_lightning.lit.module import _saved_spec, is_routed
     from visor_lightning.models import LayerSchedule
     from visor_lightning.models.fastv import FastVConfig
 
@@ -319,11 +331,19 @@ def fastv_peer(cfg: dict[str, Any], out: Path, done: dict[str, Path], docs: dict
     fm = FlopsModel(spec, LayerSchedule.dense(spec.text.num_layers))
     work = [(tokens[s]["text"], tokens[s]["visual"]) for s in sets]
     matched: dict[str, list[str]] = {}  # FastV target -> the configurations it matches (equal-cost ones share it)
+    unreachable: dict[str, float] = {}  # configurations cheaper than FastV dropping every visual token at `layer`
+    floor = sum(fm.fastv_prefill(round(nt), max(1, round(nv)), layer, 1.0) for nt, nv in work) / len(work)
     for name in visor[sets[0]]:
-        if name == "policy":
+        if is_routed(name):
             continue
         target = 1e9 * sum(visor[s][name]["gflops"] for s in sets) / len(sets)
+        if target < 0.95 * floor:  # e.g. CA-only: no drop ratio gets FastV this cheap (its first layers see every token)
+            unreachable[name] = round(floor / target, 3)
+            continue
         matched.setdefault(FastVConfig(layer, fm.fastv_ratio_for(target, work, layer)).name, []).append(name)
+    if unreachable:
+        print(f"== FastV peer: at layer {layer} it cannot get as cheap as {sorted(unreachable)} "
+              f"(dropping every visual token still costs {', '.join(f'{v:.2f}x' for v in unreachable.values())} theirs)")
     eval_dir = out / "fastv"
     prev = eval_dir / "eval.json"
     if not restart and prev.is_file() and set(json.loads(prev.read_text())["results"][sets[0]]) == set(matched):
@@ -334,7 +354,7 @@ def fastv_peer(cfg: dict[str, Any], out: Path, done: dict[str, Path], docs: dict
         doc = run_eval([stage_config(cfg, dense_name)], str(weights), targets=",".join(matched), out=str(eval_dir),
                        extra=stage_extra(cfg, dense_name) + extra + eval_sets_args(cfg),
                        baseline_train=(sm.get("eval") or {}).get("baseline_train"))
-    return {"layer": layer, "on": dense_name, "matched": matched, "doc": doc}
+    return {"layer": layer, "on": dense_name, "matched": matched, "unreachable": unreachable, "doc": doc}
 
 
 def _stage_hparams(done: dict[str, Path], name: str) -> dict[str, Any]:
@@ -366,10 +386,16 @@ def summarize(cfg: dict[str, Any], out: Path, done: dict[str, Path], docs: dict[
             rows.append(S.target_row(label, "dense", docs[name], only, dense_gflops))
     first = docs[visor[0]]
     for t in first["results"][next(iter(first["results"]))]:
-        if t != "policy":
+        if t.startswith("sa[") or t == "dense":
             rows.append(S.target_row(t, "fixed", first, t, dense_gflops))
+    for v in sm.get("max_acc_drop") or []:
+        row = S.target_row(f"{visor[0]} (max_acc_drop={v:g})", "sweep", first, knob_target(v), dense_gflops)
+        row["knob"] = float(v)
+        rows.append(row)
     for name in visor:
         doc = docs[name]
+        if _stage_hparams(done, name).get("objective") == "correctness" and sm.get("max_acc_drop"):
+            continue  # the router is in the table as its sweep
         if any("policy" in per for per in doc["results"].values()):
             row = S.target_row(f"policy ({name})", "policy", doc, "policy", dense_gflops)
             hp = _stage_hparams(done, name)
@@ -392,9 +418,14 @@ def summarize(cfg: dict[str, Any], out: Path, done: dict[str, Path], docs: dict[
         text += "\n\nfeasible-set search (universal stage, development split): candidate answer-token accuracy " + \
             ", ".join(f"{k} {100 * v:.1f}" for k, v in search["candidates"].items()) + \
             f"; kept {['sa[' + ','.join(map(str, c)) + ']' for c in search['feasible']]} (tolerance {search['tolerance']})"
+    check = S.routed_agreement(first, knob_target(0)) if 0 in (sm.get("max_acc_drop") or []) else None
+    if check is not None:
+        text += (f"\n\nrouter check: `policy` (routed generation) and `{knob_target(0)}` (each sample's configuration's "
+                 f"answer) agree on {check['same_config']} of {check['samples']} configurations and "
+                 f"{check['same_answer']} of {check['samples']} answers")
     plot = str(S.plot(rows, out / "plots" / "summary_acc_vs_flops.png"))
     return {"rows": rows, "baselines": baselines, "findings": found, "search": search, "seconds": seconds or {},
-            "table": text, "plot": plot}
+            "table": text, "plot": plot, "router_check": check}
 
 
 def _search_of(done: dict[str, Path], cfg: dict[str, Any]) -> dict[str, Any] | None:

@@ -21,6 +21,7 @@ from torchmetrics import MeanMetric
 from visor_lightning.flops import FlopsModel, token_counts
 from visor_lightning.models import BackboneSpec, LayerSchedule, ScheduleConfig, VisorModel
 from visor_lightning.models.fastv import FastVConfig
+from visor_lightning.models.policy import parse_knob_target
 from visor_lightning.models.schedule import DENSE
 
 from .metrics import ChoiceCounts, ExactMatch, metric_key, normalize_answer
@@ -49,7 +50,12 @@ def part_of(name: str) -> str:
     raise ValueError(f"parameter {name!r} belongs to no part")
 
 
-POLICY = "policy"  # evaluation target: the policy picks per sample
+POLICY = "policy"  # evaluation target: the policy picks per sample (a router: at its default knob, 0)
+
+
+def is_routed(target: str) -> bool:
+    """``policy`` and the router at a knob value, ``policy(max_acc_drop=X)``: the policy decides per sample."""
+    return target == POLICY or parse_knob_target(target) is not None
 
 
 class VisorLitModule(pl.LightningModule):
@@ -273,9 +279,13 @@ class VisorLitModule(pl.LightningModule):
         if spec == "all":
             return list(names)
         fastv = [n for n in spec if FastVConfig.parse(n) is not None]
+        knobs = [n for n in spec if parse_knob_target(n) is not None]
+        if knobs and self.model.policy.head != "correctness":
+            raise ValueError(f"model.eval_configs: {knobs} set the router's max_acc_drop knob, but this policy is a "
+                             f"{self.model.policy.head!r} head (train one with PolicyTraining objective: correctness)")
         bad, why = [], ""
         for n in spec:
-            if n != POLICY and n not in fastv:
+            if not is_routed(n) and n not in fastv:
                 try:
                     self.schedule.index(n)
                 except ValueError as e:
@@ -284,7 +294,7 @@ class VisorLitModule(pl.LightningModule):
         if bad:
             raise ValueError(f"model.eval_configs: {bad} are not feasible; feasible: {names}{why} "
                              "(or the FastV peer on a dense model: fastv(k=K,r=R))")
-        spec = [n if n == POLICY or n in fastv else self.schedule.canonical(n) for n in spec]
+        spec = [n if is_routed(n) or n in fastv else self.schedule.canonical(n) for n in spec]
         if fastv and self.schedule.ca_layers:
             raise ValueError(f"model.eval_configs: {fastv} prune the dense host model; this model has CA layers "
                              "(evaluate FastV on the dense base stage's weights)")
@@ -314,7 +324,8 @@ class VisorLitModule(pl.LightningModule):
                 k = _metric_slot(s, t)
                 self.em[k] = ExactMatch()
                 self.flops_mean[k] = MeanMetric()
-            self.choice[s] = ChoiceCounts(len(self.schedule.feasible))
+                if is_routed(t):
+                    self.choice[k] = ChoiceCounts(len(self.schedule.feasible))
         self.to(self.device)
         self._metrics_ready = True
 
@@ -340,22 +351,66 @@ class VisorLitModule(pl.LightningModule):
         nt, nv = self.token_counts(batch["prompt_ids"], batch["prompt_mask"])
         self.tokens_mean[f"{s}|text"].update(torch.tensor(nt, dtype=torch.float64))
         self.tokens_mean[f"{s}|visual"].update(torch.tensor(nv, dtype=torch.float64))
+        memo: dict[Any, Any] = {}  # this batch's answers per configuration id, for the router's knob targets
         with self.model.reuse_image_features():
             for t in self.eval_targets():
-                self._score_target(s, t, batch, tok, nt, nv, dense)
+                self._score_target(s, t, batch, tok, nt, nv, dense, memo)
+
+    def _generate_config(self, batch: dict[str, Any], tok, cid: int, memo: dict[Any, Any]) -> list[str]:
+        """The whole batch's answers under configuration ``cid`` (once per batch: ``memo``)."""
+        if cid not in memo:
+            bs = batch["input_ids"].shape[0]
+            tokens, _ = self.model.generate(
+                batch["prompt_ids"], batch["pixel_values"], batch["image_sizes"], batch["prompt_mask"],
+                max_new_tokens=self.hparams.max_new_tokens, config_ids=torch.full((bs,), cid, device=self.device),
+                eos_token_id=tok.eos_token_id)
+            memo[cid] = tok.batch_decode(tokens, skip_special_tokens=True)
+        return memo[cid]
+
+    def router_logits(self, batch: dict[str, Any], memo: dict[Any, Any] | None = None) -> torch.Tensor:
+        """The policy's logits [B, K] on the batch's prompts (the layers before the router run once)."""
+        if memo is not None and "logits" in memo:
+            return memo["logits"]
+        embeds, is_vis = self.model.embed(batch["prompt_ids"], batch["pixel_values"], batch["image_sizes"])
+        logits = self.model.lm(embeds, is_vis, batch["prompt_mask"], policy=self.model.policy, policy_only=True).policy_logits
+        if memo is not None:
+            memo["logits"] = logits
+        return logits
 
     def _score_target(self, s: str, t: str, batch: dict[str, Any], tok, nt: list[int], nv: list[int],
-                      dense: torch.Tensor) -> None:
-        """Generate the answers of one evaluation target on one batch and update its metrics and records."""
+                      dense: torch.Tensor, memo: dict[Any, Any] | None = None) -> None:
+        """Generate the answers of one evaluation target on one batch and update its metrics and records.
+
+        The router at a knob value, ``policy(max_acc_drop=X)``, decides from one policy pass; each sample's answer
+        is then its chosen configuration's answer (each configuration runs once per batch, however many knob
+        values are scored: a sweep costs one pass per configuration). VISOR runs each sample's configuration as
+        its own sub-batch, so this equals routed generation (tests/test_router.py checks it against ``policy``).
+        """
         bs = batch["input_ids"].shape[0]
-        use_policy, fastv = t == POLICY, FastVConfig.parse(t)
-        cids = None if use_policy or fastv else torch.full((bs,), self.schedule.index(t), device=self.device)
-        tokens, chosen = self.model.generate(
-            batch["prompt_ids"], batch["pixel_values"], batch["image_sizes"], batch["prompt_mask"],
-            max_new_tokens=self.hparams.max_new_tokens, config_ids=cids, use_policy=use_policy,
-            eos_token_id=tok.eos_token_id, fastv=fastv,
-        )
-        preds = tok.batch_decode(tokens, skip_special_tokens=True)
+        memo = {} if memo is None else memo
+        knob, fastv = parse_knob_target(t), FastVConfig.parse(t)
+        use_policy = t == POLICY
+        p_correct = None
+        if knob is not None:
+            logits = self.router_logits(batch, memo)
+            chosen = self.model.router(knob)(logits)
+            answers = {c: self._generate_config(batch, tok, c, memo) for c in chosen.unique().tolist()}
+            preds = [answers[c][i] for i, c in enumerate(chosen.tolist())]
+            p_correct = self.model.policy.predicted_correctness(logits).gather(1, chosen[:, None])[:, 0]
+        elif not use_policy and not fastv:
+            cid = self.schedule.index(t)
+            preds = self._generate_config(batch, tok, cid, memo)
+            chosen = torch.full((bs,), cid, device=self.device)
+        else:
+            tokens, chosen = self.model.generate(
+                batch["prompt_ids"], batch["pixel_values"], batch["image_sizes"], batch["prompt_mask"],
+                max_new_tokens=self.hparams.max_new_tokens, use_policy=use_policy,
+                eos_token_id=tok.eos_token_id, fastv=fastv,
+            )
+            preds = tok.batch_decode(tokens, skip_special_tokens=True)
+            if use_policy and self.model.policy.head == "correctness":
+                p_correct = self.model.policy.predicted_correctness(self.router_logits(batch, memo)).gather(1, chosen[:, None])[:, 0]
+        routed = use_policy or knob is not None
         k = _metric_slot(s, t)
         self.em[k].update(preds, batch["answer"])
         if fastv:
@@ -363,19 +418,24 @@ class VisorLitModule(pl.LightningModule):
             flops = torch.tensor([dense_fm.fastv_prefill(a, b, fastv.layer, fastv.ratio) for a, b in zip(nt, nv)],
                                  dtype=torch.float64)
         else:
-            flops, _ = self.flops_per_sample(batch["prompt_ids"], batch["prompt_mask"], chosen, routed=use_policy)
+            flops, _ = self.flops_per_sample(batch["prompt_ids"], batch["prompt_mask"], chosen, routed=routed)
         self.flops_mean[k].update(flops)
         if self.sample_records is not None:
-            self.sample_records += [
-                {"set": s, "target": t, "id": batch["id"][i], "subset": batch["subset"][i],
+            tasks = batch.get("task") or [""] * bs
+            new = [
+                {"set": s, "target": t, "id": batch["id"][i], "subset": batch["subset"][i], "task": tasks[i],
                  "question": batch["question"][i], "prediction": p,
                  "answer": a, "correct": normalize_answer(p) == normalize_answer(a),
                  "config": t if fastv else self.schedule.names[int(c)], "gflops": float(f) / 1e9,
                  "dense_gflops": float(d) / 1e9}
                 for i, (p, a, c, f, d) in enumerate(zip(preds, batch["answer"], chosen.tolist(), flops, dense))
             ]
-        if use_policy:
-            self.choice[s].update(chosen)
+            if p_correct is not None:
+                for r, pc in zip(new, p_correct.tolist()):
+                    r["predicted_correct"] = round(pc, 4)
+            self.sample_records += new
+        if routed:
+            self.choice[k].update(chosen)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self.validation_step(batch, batch_idx, dataloader_idx)
@@ -404,18 +464,19 @@ class VisorLitModule(pl.LightningModule):
                 log(f"{prefix}/{s}/acc/{metric_key(t)}", acc)
                 log(f"{prefix}/{s}/gflops/{metric_key(t)}", flops / 1e9)
                 log(f"{prefix}/{s}/flops_saving/{metric_key(t)}", results[s][t]["saving"])
-            if POLICY in self.eval_targets():
-                counts = self.choice[s].compute()
+            for t in filter(is_routed, self.eval_targets()):
+                counts = self.choice[_metric_slot(s, t)].compute()
                 share = counts / counts.sum().clamp_min(1)
-                results[s][POLICY]["choice"] = {n: float(x) for n, x in zip(self.schedule.names, share)}
+                results[s][t]["choice"] = {n: float(x) for n, x in zip(self.schedule.names, share)}
                 for n, x in zip(self.schedule.names, share):
-                    log(f"{prefix}/{s}/policy_share/{metric_key(n)}", x)
+                    log(f"{prefix}/{s}/{metric_key(t)}_share/{metric_key(n)}", x)
             self.eval_tokens[s] = {kind: float(self.tokens_mean[f"{s}|{kind}"].compute()) for kind in ("text", "visual")}
             self.dense_mean[s].reset()
             for kind in ("text", "visual"):
                 self.tokens_mean[f"{s}|{kind}"].reset()
             self.val_loss[s].reset()
-            self.choice[s].reset()
+            for t in filter(is_routed, self.eval_targets()):
+                self.choice[_metric_slot(s, t)].reset()
         for m in list(self.em.values()) + list(self.flops_mean.values()):
             m.reset()
         self.eval_results = results
@@ -444,4 +505,4 @@ def _saved_spec(path: str | Path) -> BackboneSpec:
     return BackboneSpec.from_dict(read_config(Path(path))["backbone"])
 
 
-__all__ = ["PARTS", "POLICY", "VisorLitModule", "normalize_answer", "part_of"]
+__all__ = ["PARTS", "POLICY", "VisorLitModule", "is_routed", "normalize_answer", "part_of"]

@@ -6,7 +6,8 @@
 2. ``FullFinetune``: configurable parts train (default: everything but the policy), maximal configuration.
 3. ``Universal``: find the feasible configurations, then train sampling one per step (or per sample).
 4. ``PolicyTraining``: the backbone is frozen; the policy learns to pick a configuration per sample, from
-   pseudo-labels (the paper) or under a compute budget (Gumbel-softmax straight-through).
+   pseudo-labels (the paper), under a compute budget (Gumbel-softmax straight-through), or as a router that
+   predicts each configuration's correctness and is steered at inference by one knob (``max_acc_drop``).
 """
 
 from __future__ import annotations
@@ -20,19 +21,21 @@ import torch
 import torch.nn.functional as F
 
 from visor_lightning.models import LayerSchedule
+from visor_lightning.models.policy import correctness_loss
 
 from .module import POLICY, VisorLitModule
 
 
-def answer_scores_per_config(model, batch: dict[str, Any], configs) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(answer loss [B], answer-token accuracy [B]) for each configuration id, teacher-forced. The images are
-    encoded once; only the language model runs per configuration."""
+def answer_scores_per_config(model, batch: dict[str, Any], configs) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(answer loss [B], answer-token accuracy [B], fraction of answers wholly right [B]) for each configuration
+    id, teacher-forced. The images are encoded once; only the language model runs per configuration."""
     embeds, is_vis = model.embed(batch["input_ids"], batch["pixel_values"], batch["image_sizes"])
     bs = embeds.shape[0]
     out = []
     for c in configs:
         lm = model.lm(embeds, is_vis, batch["attention_mask"], config_ids=torch.full((bs,), c, device=embeds.device))
-        out.append(model.answer_scores(lm.logits, model.text_targets(batch["labels"], lm.streams.text_idx)))
+        targets = model.text_targets(batch["labels"], lm.streams.text_idx)
+        out.append((*model.answer_scores(lm.logits, targets), model.answers_correct(lm.logits, targets)))
     return out
 
 
@@ -144,7 +147,7 @@ class Universal(VisorLitModule):
         for loader in dm.val_dataloader():
             for batch in itertools.islice(loader, self.hparams.search_batches):
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                for c, (_, acc) in enumerate(answer_scores_per_config(self.model, batch, range(len(cand.feasible)))):
+                for c, (_, acc, _) in enumerate(answer_scores_per_config(self.model, batch, range(len(cand.feasible)))):
                     hits[c] += acc.sum()
                 count += batch["input_ids"].shape[0]
         self.model.train(was_training)
@@ -174,10 +177,13 @@ class PolicyTraining(VisorLitModule):
 
     Args (beyond the base):
         objective: "pseudo_label" (the paper: per sample, the cheapest configuration whose answer-token accuracy
-            is >= ``label_threshold`` x the maximal one's; cross-entropy) or "budget" (task loss of the chosen
+            is >= ``label_threshold`` x the maximal one's; cross-entropy), "budget" (task loss of the chosen
             configuration via Gumbel-softmax straight-through, plus ``budget_weight`` x the squared relative
             gap between the batch's mean prefill cost of the argmax choices, straight-through, and
-            ``1 / target_savings`` of dense).
+            ``1 / target_savings`` of dense) or "correctness" (a router: one logit per configuration, binary
+            cross-entropy against the fraction of the sample's answers that configuration gets wholly right,
+            from the same teacher-forced passes as the pseudo-labels; at inference the ``max_acc_drop`` knob
+            picks, see models/policy.py).
         label_threshold: pseudo_label objective: the fraction of the maximal configuration's accuracy that counts
             as good enough.
         target_savings: budget objective: the average prefill-FLOPs saving vs dense to aim for.
@@ -192,7 +198,7 @@ class PolicyTraining(VisorLitModule):
     def __init__(
         self,
         *args: Any,
-        objective: Literal["pseudo_label", "budget"] = "pseudo_label",
+        objective: Literal["pseudo_label", "budget", "correctness"] = "pseudo_label",
         label_threshold: float = 0.99,
         target_savings: float | None = None,
         budget_weight: float = 10.0,
@@ -206,31 +212,34 @@ class PolicyTraining(VisorLitModule):
             raise ValueError(f"schedule {self.schedule.describe()} has one feasible configuration: nothing to choose")
         if objective == "budget" and (target_savings is None or target_savings <= 1):
             raise ValueError("objective 'budget' needs model.target_savings > 1 (e.g. 6.0: one sixth of dense FLOPs)")
+        # what the trained head's logits mean travels with the weights (visor.json: policy_head)
+        self.model.policy.head = "correctness" if objective == "correctness" else "choice"
 
     def eval_targets(self) -> list[str]:
         targets = super().eval_targets()
         return targets if POLICY in targets else targets + [POLICY]
 
-    def per_config(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Frozen backbone, every configuration: answer loss [K, B], answer-token accuracy [K, B] (teacher-forced
-        on the whole conversation) and the relative prefill cost vs dense [B, K] of the *prompt*, which is what
-        inference prefills (multi-turn answers are not part of it)."""
+    def per_config(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Frozen backbone, every configuration: answer loss [K, B], answer-token accuracy [K, B], the fraction of
+        answers wholly right [K, B] (teacher-forced on the whole conversation) and the relative prefill cost vs
+        dense [B, K] of the *prompt*, which is what inference prefills (multi-turn answers are not part of it)."""
         bs, k = batch["input_ids"].shape[0], len(self.schedule.feasible)
-        losses, accs, costs = [], [], []
+        losses, accs, rights, costs = [], [], [], []
         with torch.no_grad():
             scores = answer_scores_per_config(self.model, batch, range(k))
             for c in range(k):
                 ids = torch.full((bs,), c, device=self.device)
-                loss, acc = scores[c]
+                loss, acc, right = scores[c]
                 losses.append(loss)
                 accs.append(acc)
+                rights.append(right)
                 f, d = self.flops_per_sample(batch["prompt_ids"], batch["prompt_mask"], ids, routed=True)
                 costs.append((f / d).to(self.device, torch.float32))
-        return torch.stack(losses), torch.stack(accs), torch.stack(costs, dim=1)
+        return torch.stack(losses), torch.stack(accs), torch.stack(rights), torch.stack(costs, dim=1)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         h = self.hparams
-        losses, accs, cost = self.per_config(batch)
+        losses, accs, rights, cost = self.per_config(batch)
         # the policy sees what it sees at inference: the prompt (no answers of earlier turns leak in)
         embeds, is_vis = self.model.embed(batch["prompt_ids"], batch["pixel_values"], batch["image_sizes"])
         logits = self.model.lm(embeds, is_vis, batch["prompt_mask"], policy=self.model.policy, policy_only=True).policy_logits
@@ -242,6 +251,13 @@ class PolicyTraining(VisorLitModule):
             loss = F.cross_entropy(logits, labels)
             chosen = labels
             self.log("train/label_mean_cost", cost.gather(1, labels[:, None]).mean(), batch_size=bs)
+        elif h.objective == "correctness":
+            # [B, K]: the fraction of the sample's answers each configuration gets wholly right (answer-token accuracy
+            # would credit a wrong one-word answer with its end-of-turn token: 0.5, not 0)
+            target = rights.T
+            loss = correctness_loss(logits, target)
+            chosen = self.model.router()(logits.detach())  # what the default knob (0) would run
+            self.log("train/router_abs_err", (logits.detach().sigmoid() - target).abs().mean(), batch_size=bs)
         else:
             # the task term explores (Gumbel noise); the budget term prices the noise-free argmax, i.e. exactly
             # what inference will choose (a budget met only in expectation over noise collapses at argmax)

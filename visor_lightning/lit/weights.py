@@ -1,7 +1,7 @@
 """Hand-over between stages: weights (not optimizer state) as safetensors plus ``visor.json``.
 
 ``visor.json`` records the backbone shapes, the resolved layer schedule (including a feasible set found by the
-universal stage) and the policy width, so the next stage rebuilds exactly this model. ``export_llava_onevision``
+universal stage), the policy width and what its head predicts (``policy_head``: choice or correctness), so the next stage rebuilds exactly this model. ``export_llava_onevision``
 writes a from-scratch dense base as a transformers LLaVA-OneVision directory, so VISOR is applied to it exactly
 as to a downloaded checkpoint.
 """
@@ -36,7 +36,7 @@ def schedule_from_dict(d: dict[str, Any]) -> LayerSchedule:
 def weights_meta(model: VisorModel, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """What ``visor.json`` holds: enough to rebuild exactly this model (also stored inside checkpoints)."""
     return {"backbone": asdict(model.backbone), "schedule": schedule_to_dict(model.schedule),
-            "policy_width": model.policy.mlp[0].out_features, **(extra or {})}
+            "policy_width": model.policy.mlp[0].out_features, "policy_head": model.policy.head, **(extra or {})}
 
 
 def fp32_state(model: VisorModel) -> dict[str, torch.Tensor]:
@@ -173,6 +173,8 @@ def load_weights(path: str | Path, schedule: LayerSchedule | None = None) -> Vis
     tied = {"lm.lm_head.weight"} if spec.text.tie_word_embeddings else set()
     if [k for k in missing if k not in tied] or unexpected:
         raise ValueError(f"{path}/{WEIGHTS_FILE} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if use.feasible == saved.feasible:  # the trained head's kind (weights written before it was recorded: a classifier)
+        model.policy.head = meta.get("policy_head", "choice")
     return model
 
 

@@ -248,15 +248,18 @@ class VisorModel(nn.Module):
         use_policy: bool = False,
         cache: VisorCache | None = None,
         last_only: bool = False,
+        max_acc_drop: float | None = None,
     ) -> VisorOutput:
         """Logits per text slot ([B, Nt, vocab]; ``lm.streams.text_idx`` gives their sequence positions).
 
         ``labels`` [B, N] are aligned with ``input_ids`` as in transformers (-100 = ignore) and shifted here.
+        ``max_acc_drop`` is the router's knob (``use_policy`` with a correctness-trained policy; see policy.py).
         """
         embeds, is_visual = self.embed(input_ids, pixel_values, image_sizes)
         out = self.lm(
             embeds, is_visual, attention_mask, config_ids=config_ids,
-            policy=self.policy if use_policy else None, cache=cache, last_only=last_only,
+            policy=self.policy if use_policy else None, route=self.router(max_acc_drop), cache=cache,
+            last_only=last_only,
         )
         loss = None
         if labels is not None:
@@ -265,6 +268,12 @@ class VisorModel(nn.Module):
             targets = self.text_targets(labels, out.streams.text_idx)
             loss = nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return VisorOutput(out.logits, loss, out)
+
+    def router(self, max_acc_drop: float | None = None):
+        """The policy's logits -> configuration ids, at knob ``max_acc_drop`` (None: the policy's default)."""
+        self.policy.knob(max_acc_drop)  # a bad value, or a knob for a classifier, fails before any compute
+        sa = [len(c) for c in self.schedule.feasible]
+        return lambda logits: self.policy.route(logits, sa, self.schedule.full_config, max_acc_drop)
 
     @staticmethod
     def text_targets(labels: torch.Tensor, text_idx: torch.Tensor) -> torch.Tensor:
@@ -286,6 +295,20 @@ class VisorModel(nn.Module):
         acc = ((logits.argmax(-1) == targets) & valid).sum(1) / n
         return loss, acc
 
+    @staticmethod
+    def answers_correct(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per sample [B]: the fraction of its answers (assistant turns: contiguous runs of targets) whose every
+        token argmax predicts, teacher-forced. Unlike answer-token accuracy this does not credit a wrong answer
+        for its end-of-turn token: a one-word answer that is wrong scores 0, not 0.5."""
+        valid = targets != -100
+        wrong = valid & (logits.argmax(-1) != targets)
+        start = valid & ~torch.cat([valid.new_zeros(valid.shape[0], 1), valid[:, :-1]], dim=1)
+        turn = torch.cumsum(start.long(), dim=1) * valid  # 1.. per answer, 0 outside answers
+        n_turns = start.sum(1)
+        bad = torch.zeros(valid.shape[0], int(turn.max()) + 1, device=targets.device).scatter_add_(1, turn, wrong.float())
+        ok = ((bad[:, 1:] == 0) & (torch.arange(1, bad.shape[1], device=targets.device)[None] <= n_turns[:, None])).sum(1)
+        return ok / n_turns.clamp_min(1)
+
     @torch.no_grad()
     def generate(
         self,
@@ -299,6 +322,7 @@ class VisorModel(nn.Module):
         eos_token_id: int | None = None,
         use_cache: bool = True,
         fastv: FastVConfig | None = None,
+        max_acc_drop: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Greedy decoding (left-pad batches). Returns (new tokens [B, T], configuration ids [B]).
 
@@ -322,7 +346,7 @@ class VisorModel(nn.Module):
                 logits, _ = fastv_prefill(self.lm, embeds, is_visual, mask, fastv, cache)
                 return logits, torch.full((b,), self.schedule.full_config, device=ids.device)
             out = self(ids, pixel_values, image_sizes, mask, config_ids=config_ids, use_policy=use_policy,
-                       cache=cache, last_only=True)
+                       cache=cache, last_only=True, max_acc_drop=max_acc_drop)
             return out.logits, out.lm.config_ids
 
         logits, config_ids = prefill(input_ids, attention_mask, cache, config_ids)
