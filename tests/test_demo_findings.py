@@ -55,6 +55,10 @@ def test_demo_models_see_and_the_controls_are_reported(demo):
             if r["kind"] != "fastv":
                 assert r["acc"][fam] - r["acc_swapped"][fam] >= SEES, (fam, r["config"], r["acc"], r["acc_swapped"])
     assert set(s["findings"]) == set(FINDINGS)
+    # the router's knob rows answer each sample with its chosen configuration's batch pass: on the trained demo they
+    # equal routed generation (`policy`, knob 0) sample by sample, configurations and answers
+    rc = s["router_check"]
+    assert rc and rc["samples"] >= 4000 and rc["same_config"] == rc["same_answer"] == rc["samples"], rc
     for name, f in s["findings"].items():
         assert f["values"] and ("holds" if f["holds"] else "reported" if f["holds"] is None else "DOES NOT HOLD") in s["table"]
 

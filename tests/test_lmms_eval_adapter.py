@@ -59,12 +59,13 @@ def _data_path(weights, data, batch: int):
     return model, dm.val_dataloader()[0], dm.encoder.tok
 
 
-@pytest.mark.parametrize("target", ["sa[0,3]", "policy"])
-def test_answers_equal_the_data_path(tiny_pipeline, target):
+@pytest.mark.parametrize("target,stage,knob", [("sa[0,3]", "policy", None), ("policy", "policy", None),
+                                               ("policy", "router", 0.1)])
+def test_answers_equal_the_data_path(tiny_pipeline, target, stage, knob):
     data, out = tiny_pipeline["data"], tiny_pipeline["out"]
-    weights = out / "policy" / "weights"
+    weights = out / stage / "weights"
     docs = dict(list(_docs(data).items())[:8])
-    lmm = VisorLMM(weights=str(weights), processor=str(out / "base" / "hf"), target=target, batch_size=3)
+    lmm = VisorLMM(weights=str(weights), processor=str(out / "base" / "hf"), target=target, batch_size=3, max_acc_drop=knob)
     got = dict(zip(docs, lmm.generate_until(_requests(docs), {"easy": {"val": docs}})))
 
     model, loader, tok = _data_path(weights, data, batch=5)
@@ -73,7 +74,8 @@ def test_answers_equal_the_data_path(tiny_pipeline, target):
         use_policy = target == "policy"
         ids = None if use_policy else torch.full((len(batch["id"]),), model.schedule.index(target))
         tokens, _ = model.generate(batch["prompt_ids"], batch["pixel_values"], batch["image_sizes"], batch["prompt_mask"],
-                                   max_new_tokens=4, config_ids=ids, use_policy=use_policy, eos_token_id=tok.eos_token_id)
+                                   max_new_tokens=4, config_ids=ids, use_policy=use_policy, eos_token_id=tok.eos_token_id,
+                                   max_acc_drop=knob)
         for i, text in zip(batch["id"], tok.batch_decode(tokens, skip_special_tokens=True)):
             if i in got:
                 assert got[i] == text.split("\n")[0].strip(), i
@@ -83,6 +85,11 @@ def test_answers_equal_the_data_path(tiny_pipeline, target):
     assert summary["requests"] == 8 and summary["saving"] > 1
     if target != "policy":
         assert summary["configs"] == {target: 8}
+    if knob is not None:  # the knob through lmms-eval's model args: a classifier refuses it, as does a fixed target
+        with pytest.raises(ValueError, match="objective: correctness"):
+            VisorLMM(weights=str(out / "policy" / "weights"), processor=str(out / "base" / "hf"), max_acc_drop=knob)
+        with pytest.raises(ValueError, match="needs target=policy"):
+            VisorLMM(weights=str(weights), processor=str(out / "base" / "hf"), target="sa[0]", max_acc_drop=knob)
 
 
 def test_loglikelihood_equals_the_teacher_forced_data_path(tiny_pipeline):

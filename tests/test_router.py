@@ -193,7 +193,7 @@ def test_visor_ask_answers_one_image(tiny_pipeline, tmp_path):
     text = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert text.returncode == 0 and f"configuration: {res['config']}" in text.stdout and "fewer)" in text.stdout
     # a classifier policy has no knob: one line that says what to do
-    bad = subprocess.run(cmd[:4] + [str(out / "policy" / "weights")] + cmd[5:], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    bad = subprocess.run(cmd[:5] + [str(out / "policy" / "weights")] + cmd[6:], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert bad.returncode == 2 and "objective: correctness" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -218,6 +218,7 @@ def test_visor_eval_sweeps_the_knob_and_matches_routed_generation(tiny_pipeline,
         if t == "policy(max_acc_drop=1)":
             assert r["config"] == "sa[]"
     assert res["policy(max_acc_drop=1)"]["gflops"] <= res["policy(max_acc_drop=0)"]["gflops"]
+    # the weights say what their policy head is, whatever the stage config's objective (here: correctness)
     with pytest.raises(ValueError, match="objective: correctness"):
         run_eval([cfg], str(out / "policy" / "weights"), targets="policy", out=str(tmp_path / "ev2"), swap=False,
                  max_acc_drop=[0.1])
@@ -233,3 +234,21 @@ def test_answers_correct_counts_whole_answers_not_tokens():
     assert acc.tolist() == [0.75, 1.0]
     assert VisorModel.answers_correct(logits, targets).tolist() == [0.5, 1.0]
     assert VisorModel.answers_correct(logits, torch.full_like(targets, -100)).tolist() == [0.0, 0.0]
+
+
+def test_eval_knob_list_parses_and_names_the_flag():
+    from visor_lightning.commands.evaluate import parse_knobs
+
+    assert parse_knobs("0,0.05, 1") == [0.0, 0.05, 1.0] and parse_knobs(None) == []
+    with pytest.raises(ValueError, match=r"--max-acc-drop '0,2'.*\[0, 1\]"):
+        parse_knobs("0,2")
+
+
+def test_pipeline_rejects_a_bad_sweep(tmp_path):
+    from visor_lightning.commands.pipeline import load_pipeline
+
+    text = (ROOT / "experiments/debug/pipeline.yaml").read_text().replace("max_acc_drop: [0, 0.02", "max_acc_drop: [-1, 0.02")
+    bad = tmp_path / "pipeline.yaml"
+    bad.write_text(text)
+    with pytest.raises(ValueError, match=rf"{bad}: summary.max_acc_drop"):
+        load_pipeline(bad)
