@@ -35,11 +35,6 @@ def _marked_batch(model: VisorModel, n: int, seed: int):
     return ids, mask, pixels, sizes, marked
 
 
-def _policy_logits(model: VisorModel, ids, mask, pixels, sizes) -> torch.Tensor:
-    embeds, is_vis = model.embed(ids, pixels, sizes)
-    return model.lm(embeds, is_vis, mask, policy=model.policy, policy_only=True).policy_logits
-
-
 def test_router_learns_which_configuration_a_visible_feature_needs(spec):
     """CA-only answers unmarked samples and fails marked ones; every configuration with SA answers both. The
     trained router must send marked samples to sa[0] (the cheapest that is right) and the rest to CA-only."""

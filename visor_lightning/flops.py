@@ -207,11 +207,13 @@ class FlopsModel:
         rounded to whole tokens) come nearest ``target``: the matched-FLOPs peer of a VISOR configuration."""
         work = [(round(nt), max(1, round(nv))) for nt, nv in tokens]
         ratios = sorted({1 - k / nv for _, nv in work for k in range(nv + 1)})
+        return min(ratios, key=lambda r: abs(self.fastv_mean_prefill(work, layer, r) - target))
 
-        def cost(r: float) -> float:
-            return sum(self.fastv_prefill(nt, nv, layer, r) for nt, nv in work) / len(work)
-
-        return min(ratios, key=lambda r: abs(cost(r) - target))
+    def fastv_mean_prefill(self, tokens: Sequence[tuple[float, float]], layer: int, ratio: float) -> float:
+        """Mean FastV prefill FLOPs over the ``tokens`` workloads, rounded to whole tokens as ``fastv_ratio_for``
+        does (``ratio`` 1: the cheapest FastV gets at ``layer``)."""
+        work = [(round(nt), max(1, round(nv))) for nt, nv in tokens]
+        return sum(self.fastv_prefill(nt, nv, layer, ratio) for nt, nv in work) / len(work)
 
     def fastv_decode(self, nt: int, nv: int, layer: int, ratio: float, steps: int) -> float:
         """Mean FastV decode FLOPs per token: every visual key before ``layer``, the kept ones after."""

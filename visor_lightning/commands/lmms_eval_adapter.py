@@ -124,9 +124,9 @@ class VisorLMM:
         if self.model.policy.head != "correctness" or self.model.schedule.router_layer is None:
             return None
         dev = self.device
-        embeds, is_vis = self.model.embed(b["prompt_ids"].to(dev), b["pixel_values"].to(dev, self.dtype), b["image_sizes"].to(dev))
-        out = self.model.lm(embeds, is_vis, b["prompt_mask"].to(dev), policy=self.model.policy, policy_only=True)
-        return self.model.policy.predicted_correctness(out.policy_logits)
+        logits = self.model.policy_logits(b["prompt_ids"].to(dev), b["pixel_values"].to(dev, self.dtype),
+                                          b["image_sizes"].to(dev), b["prompt_mask"].to(dev))
+        return self.model.policy.predicted_correctness(logits)
 
     def _record(self, keys: list[str], b: dict[str, Any], chosen: torch.Tensor) -> None:
         """Per request of a batch (``keys`` name them): the configuration run and its FLOPs."""

@@ -332,7 +332,7 @@ def fastv_peer(cfg: dict[str, Any], out: Path, done: dict[str, Path], docs: dict
     work = [(tokens[s]["text"], tokens[s]["visual"]) for s in sets]
     matched: dict[str, list[str]] = {}  # FastV target -> the configurations it matches (equal-cost ones share it)
     unreachable: dict[str, float] = {}  # configurations cheaper than FastV dropping every visual token at `layer`
-    floor = sum(fm.fastv_prefill(round(nt), max(1, round(nv)), layer, 1.0) for nt, nv in work) / len(work)
+    floor = fm.fastv_mean_prefill(work, layer, 1.0)
     for name in visor[sets[0]]:
         if is_routed(name):
             continue
@@ -394,11 +394,11 @@ def summarize(cfg: dict[str, Any], out: Path, done: dict[str, Path], docs: dict[
         rows.append(row)
     for name in visor:
         doc = docs[name]
-        if _stage_hparams(done, name).get("objective") == "correctness" and sm.get("max_acc_drop"):
+        hp = _stage_hparams(done, name)
+        if hp.get("objective") == "correctness" and sm.get("max_acc_drop"):
             continue  # the router is in the table as its sweep
         if any("policy" in per for per in doc["results"].values()):
             row = S.target_row(f"policy ({name})", "policy", doc, "policy", dense_gflops)
-            hp = _stage_hparams(done, name)
             row["objective"] = hp.get("objective", "pseudo_label")
             if row["objective"] == "budget":
                 row["target_savings"] = hp.get("target_savings")

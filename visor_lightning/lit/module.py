@@ -371,8 +371,7 @@ class VisorLitModule(pl.LightningModule):
         """The policy's logits [B, K] on the batch's prompts (the layers before the router run once)."""
         if memo is not None and "logits" in memo:
             return memo["logits"]
-        embeds, is_vis = self.model.embed(batch["prompt_ids"], batch["pixel_values"], batch["image_sizes"])
-        logits = self.model.lm(embeds, is_vis, batch["prompt_mask"], policy=self.model.policy, policy_only=True).policy_logits
+        logits = self.model.policy_logits(batch["prompt_ids"], batch["pixel_values"], batch["image_sizes"], batch["prompt_mask"])
         if memo is not None:
             memo["logits"] = logits
         return logits

@@ -241,8 +241,7 @@ class PolicyTraining(VisorLitModule):
         h = self.hparams
         losses, accs, rights, cost = self.per_config(batch)
         # the policy sees what it sees at inference: the prompt (no answers of earlier turns leak in)
-        embeds, is_vis = self.model.embed(batch["prompt_ids"], batch["pixel_values"], batch["image_sizes"])
-        logits = self.model.lm(embeds, is_vis, batch["prompt_mask"], policy=self.model.policy, policy_only=True).policy_logits
+        logits = self.model.policy_logits(batch["prompt_ids"], batch["pixel_values"], batch["image_sizes"], batch["prompt_mask"])
         bs = logits.shape[0]
         if h.objective == "pseudo_label":
             full = accs[self.schedule.full_config]

@@ -269,6 +269,12 @@ class VisorModel(nn.Module):
             loss = nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return VisorOutput(out.logits, loss, out)
 
+    def policy_logits(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The policy's logits [B, K] on prompts: only the layers in front of the router run."""
+        embeds, is_visual = self.embed(input_ids, pixel_values, image_sizes)
+        return self.lm(embeds, is_visual, attention_mask, policy=self.policy, policy_only=True).policy_logits
+
     def router(self, max_acc_drop: float | None = None):
         """The policy's logits -> configuration ids, at knob ``max_acc_drop`` (None: the policy's default)."""
         self.policy.knob(max_acc_drop)  # a bad value, or a knob for a classifier, fails before any compute
