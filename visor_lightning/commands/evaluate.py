@@ -71,7 +71,6 @@ def run_eval(config: list[str], ckpt: str, *, targets: str = "all", out: str | N
     from visor_lightning.data.datamodule import SWAPPED
     from visor_lightning.lit.cli import VisorCLI
     from visor_lightning.lit.module import POLICY
-    from visor_lightning.lit.weights import read_config, weights_dir
     from visor_lightning.models.policy import knob_target
 
     ckpt_path = Path(ckpt)
@@ -85,10 +84,6 @@ def run_eval(config: list[str], ckpt: str, *, targets: str = "all", out: str | N
              "--mlflow", "false", *(extra or [])]
     cli = VisorCLI(args=args, run=False)
     module, dm, trainer = cli.model, cli.datamodule, cli.trainer
-    # a policy stage's config sets the head its objective trains; evaluated weights keep the head they were trained with
-    saved = read_config(weights_dir(ckpt_path))
-    if [list(c) for c in module.schedule.feasible] == saved["schedule"]["feasible"]:  # else a fresh, untrained head
-        module.model.policy.head = saved.get("policy_head", "choice")
     names = module.schedule.names
     wanted = list(names) if targets == "all" else split_names(targets)
     if targets == "all" and module.schedule.router_layer is not None:  # a dense model has nothing to route

@@ -212,8 +212,11 @@ class PolicyTraining(VisorLitModule):
             raise ValueError(f"schedule {self.schedule.describe()} has one feasible configuration: nothing to choose")
         if objective == "budget" and (target_savings is None or target_savings <= 1):
             raise ValueError("objective 'budget' needs model.target_savings > 1 (e.g. 6.0: one sixth of dense FLOPs)")
-        # what the trained head's logits mean travels with the weights (visor.json: policy_head)
-        self.model.policy.head = "correctness" if objective == "correctness" else "choice"
+
+    def on_fit_start(self) -> None:
+        """Training decides what the head's logits mean (saved as visor.json's policy_head). Only training: weights
+        loaded to be evaluated or validated keep the head they were trained with, whatever this config's objective."""
+        self.model.policy.head = "correctness" if self.hparams.objective == "correctness" else "choice"
 
     def eval_targets(self) -> list[str]:
         targets = super().eval_targets()
