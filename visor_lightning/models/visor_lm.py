@@ -91,6 +91,11 @@ def _self_mask(valid: torch.Tensor) -> torch.Tensor:
     return ((causal[None] & valid[:, None, :]) | eye[None])[:, None]
 
 
+def _rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``x[rows]``, without the copy when ``rows`` is the whole batch (in order, as ``nonzero`` gives it)."""
+    return x if len(rows) == x.shape[0] else x[rows]
+
+
 def _rows_set(x: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Out-of-place ``x[rows] = values`` (autograd-safe); the whole batch is a plain replacement."""
     return values if len(rows) == x.shape[0] else x.index_copy(0, rows, values)
@@ -173,9 +178,13 @@ class VisorLanguageModel(nn.Module):
         cos_t, sin_t = self.rotary_emb(text, st.text_pos)
         cos_f, sin_f = self.rotary_emb(text, st.full_pos)
         calls: dict[str, int] = {}
+        full_x: torch.Tensor | None = None  # the interleaved sequence while every row runs SA (no split/merge)
 
         for l, layer in enumerate(self.layers):
             role = sch.role(l)
+            if full_x is not None and (role != "sa" or l == sch.router_layer or not self._all_rows_sa(active, l)):
+                text, vis = Streams.take(full_x, st.text_idx), Streams.take(full_x, st.vis_idx)
+                full_x = None
             if l == sch.router_layer and active is None:
                 policy_logits = policy(text, st.text_valid, vis, st.vis_valid)
                 if policy_only:
@@ -196,7 +205,14 @@ class VisorLanguageModel(nn.Module):
             parts = []
             sa_idx = rows_sa.nonzero().flatten()
             tx_idx = (~rows_sa).nonzero().flatten()
-            if len(sa_idx):
+            if len(sa_idx) == b:  # every row: run on the interleaved sequence, split again only when needed
+                cap = _Capture() if cache is not None else None
+                if full_x is None:
+                    full_x = Streams.merge(text, vis, st.text_idx, st.vis_idx, n)
+                full_x = layer(full_x, attention_mask=full_mask, position_embeddings=(cos_f, sin_f), past_key_values=cap)
+                parts.append((sa_idx, cap, st.full_valid))
+                calls[f"{l}:sa"] = calls.get(f"{l}:sa", 0) + 1
+            elif len(sa_idx):
                 cap = _Capture() if cache is not None else None
                 r = sa_idx
                 full = Streams.merge(text[r], vis[r], st.text_idx[r], st.vis_idx[r], n)
@@ -208,13 +224,16 @@ class VisorLanguageModel(nn.Module):
             if len(tx_idx):
                 cap = _Capture() if cache is not None else None
                 r = tx_idx
-                out = layer(text[r], attention_mask=text_mask[r], position_embeddings=(cos_t[r], sin_t[r]), past_key_values=cap)
+                out = layer(_rows(text, r), attention_mask=_rows(text_mask, r),
+                            position_embeddings=(_rows(cos_t, r), _rows(sin_t, r)), past_key_values=cap)
                 text = _rows_set(text, r, out)
-                parts.append((r, cap, st.text_valid[r]))
+                parts.append((r, cap, _rows(st.text_valid, r)))
                 calls[f"{l}:text"] = calls.get(f"{l}:text", 0) + 1
             if cache is not None:
                 cache.store(l, b, parts)
 
+        if full_x is not None:
+            text = Streams.take(full_x, st.text_idx)
         if cache is not None:
             cache.visual_valid = st.vis_valid
             cache.next_pos = st.full_valid.long().sum(1)
@@ -223,6 +242,11 @@ class VisorLanguageModel(nn.Module):
             text = text.gather(1, st.last_text[:, None, None].expand(-1, 1, text.shape[2]))[:, 0]
         logits = self.lm_head(self.norm(text))
         return LMOutput(logits, st, config_ids, policy_logits, calls)
+
+    @staticmethod
+    def _all_rows_sa(active: torch.Tensor | None, layer: int) -> bool:
+        """Whether every row runs ``layer`` as SA (known only once the configurations are: None means not yet)."""
+        return active is not None and bool(active[:, layer].all())
 
     # ---- decode -------------------------------------------------------------------------------------
     @torch.no_grad()
