@@ -19,7 +19,7 @@ from typing import Any
 from visor_lightning.lit.tracking import PARENT_ENV, code_version, run_name, tracking_uri
 from visor_lightning.models.policy import check_knob, knob_target
 
-STAGE_KEYS = {"name", "config", "from", "args"}
+STAGE_KEYS = {"name", "config", "from", "args", "fit_args"}
 SUMMARY_KEYS = {"dense", "dense_long", "visor", "fastv", "eval", "max_acc_drop"}
 
 
@@ -59,7 +59,7 @@ def load_pipeline(path: str | Path) -> dict[str, Any]:
     for i, st in enumerate(cfg["stages"]):
         bad = set(st) - STAGE_KEYS
         if bad or "name" not in st or "config" not in st:
-            raise ValueError(f"{path}: stages[{i}] needs name and config (optional: from, args); unknown {sorted(bad)}")
+            raise ValueError(f"{path}: stages[{i}] needs name and config (optional: from, args, fit_args); unknown {sorted(bad)}")
         if not Path(st["config"]).is_file():
             raise FileNotFoundError(f"{path}: stages[{i}].config {st['config']!r} does not exist")
         src = st.get("from")
@@ -131,7 +131,7 @@ def stage_args(stage: dict[str, Any], out: Path, experiment: str, done: dict[str
             args += ["--model.init_args.backbone.pretrained", str(done[name] / "hf")]
         else:
             args += ["--model.init_args.init_from", str(done[name] / "weights")]
-    return args + own_args(stage)
+    return args + own_args(stage) + own_args(stage, "fit_args")
 
 
 def stage_line(name: str, seconds: float, metrics: dict[str, Any]) -> str:
@@ -145,9 +145,12 @@ def stage_line(name: str, seconds: float, metrics: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def own_args(stage: dict[str, Any]) -> list[str]:
-    """A stage's ``args`` as ``visor fit`` flags: ``{trainer.max_steps: 5}`` -> ``--trainer.max_steps 5``."""
-    return [a for k, v in (stage.get("args") or {}).items() for a in (f"--{k}", str(v))]
+def own_args(stage: dict[str, Any], key: str = "args") -> list[str]:
+    """A stage's ``args`` as ``visor fit`` flags: ``{trainer.max_steps: 5}`` -> ``--trainer.max_steps 5``.
+
+    ``args`` apply wherever the stage's config is used (its training and its evaluation); ``fit_args`` to its
+    training only: how it runs (e.g. DDP over 2 processes), not what the model is."""
+    return [a for k, v in (stage.get(key) or {}).items() for a in (f"--{k}", str(v))]
 
 
 def pipeline_main(argv: list[str]) -> int:
