@@ -2,8 +2,8 @@
 
 A Rich bar draws nothing useful into a file, so without this a 4-minute stage shows no line between the model
 summary and the end of the epoch. One line every 50 optimizer steps or every 10% of the run, whichever is
-fewer, carries the stage, step/total, loss, samples/s, elapsed time and ETA; validation ends with one line of its
-accuracies.
+fewer, carries the stage, step/total, loss, samples/s, elapsed time and ETA (and, with ``model.compile``, the
+compile seconds and recompiles so far); validation ends with one line of its accuracies.
 """
 
 from __future__ import annotations
@@ -59,8 +59,13 @@ class ProgressLines(pl.Callback):
         loss = trainer.callback_metrics.get("train/loss")
         loss_text = f"loss {float(loss):.4f}" if loss is not None else "loss -"
         eta = elapsed / done * max(0, total - step)
+        compiled = ""
+        if getattr(getattr(pl_module, "hparams", None), "compile", False):  # model.compile: what it has cost so far
+            from visor_lightning.models.compiled import compile_stats, stats_text
+
+            compiled = " | " + stats_text(compile_stats())
         self._print(f"step {step}/{total} | {loss_text} | {self.samples / max(elapsed, 1e-9):.1f} samples/s | "
-                    f"elapsed {clock(elapsed)} | ETA {clock(eta)}")
+                    f"elapsed {clock(elapsed)} | ETA {clock(eta)}{compiled}")
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:

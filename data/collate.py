@@ -112,16 +112,24 @@ class Encoder:
         )
 
 
-def collate(samples: list[Encoded], pad_id: int) -> dict[str, Any]:
-    """Right-padded training tensors, left-padded generation prompts, crop-padded pixels, and per-sample meta."""
+def collate(samples: list[Encoded], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, Any]:
+    """Right-padded training tensors, left-padded generation prompts, crop-padded pixels, and per-sample meta.
+
+    ``pad_to_multiple_of`` rounds both lengths up (a compiled model then meets few distinct shapes)."""
+    import torch.nn.functional as F
     from torch.nn.utils.rnn import pad_sequence
 
     from visor_lightning.models.visor import left_pad
 
-    ids = pad_sequence([s.input_ids for s in samples], batch_first=True, padding_value=pad_id)
-    labels = pad_sequence([s.labels for s in samples], batch_first=True, padding_value=IGNORE_INDEX)
-    mask = pad_sequence([torch.ones_like(s.input_ids) for s in samples], batch_first=True, padding_value=0)
+    def rounded(x: torch.Tensor, value: int, left: bool = False) -> torch.Tensor:
+        extra = -x.shape[1] % pad_to_multiple_of
+        return F.pad(x, (extra, 0) if left else (0, extra), value=value) if extra else x
+
+    ids = rounded(pad_sequence([s.input_ids for s in samples], batch_first=True, padding_value=pad_id), pad_id)
+    labels = rounded(pad_sequence([s.labels for s in samples], batch_first=True, padding_value=IGNORE_INDEX), IGNORE_INDEX)
+    mask = rounded(pad_sequence([torch.ones_like(s.input_ids) for s in samples], batch_first=True, padding_value=0), 0)
     prompt_ids, prompt_mask = left_pad([s.prompt_ids for s in samples], pad_id)
+    prompt_ids, prompt_mask = rounded(prompt_ids, pad_id, left=True), rounded(prompt_mask, 0, left=True)
     crops = max(s.pixel_values.shape[0] for s in samples)
     pixels = torch.stack([torch.cat([s.pixel_values, s.pixel_values.new_zeros(crops - s.pixel_values.shape[0], *s.pixel_values.shape[1:])]) for s in samples])
     batch: dict[str, Any] = {

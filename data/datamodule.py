@@ -99,6 +99,8 @@ class VisorDataModule(pl.LightningDataModule):
         max_pixels: images with more pixels are skipped and counted as ``image_too_large``.
         strict: raise on the first bad sample (naming shard and key) instead of skipping and counting.
         seed: seeds the resampled training stream (with epoch, rank and worker).
+        pad_to_multiple_of: round every batch's sequence lengths up to a multiple of this (for ``model.compile``:
+            each new length is one more compile; 1 = pad to the longest sample only).
     """
 
     def __init__(
@@ -118,6 +120,7 @@ class VisorDataModule(pl.LightningDataModule):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         strict: bool = False,
         seed: int = 0,
+        pad_to_multiple_of: int = 1,
     ) -> None:
         super().__init__()
         if batch_size < 1 or batches_per_epoch < 1 or num_workers < 0:
@@ -131,6 +134,9 @@ class VisorDataModule(pl.LightningDataModule):
         self.num_workers, self.batches_per_epoch = num_workers, batches_per_epoch
         self.shuffle_buffer, self.max_length, self.max_pixels = shuffle_buffer, max_length, max_pixels
         self.shuffle_initial = shuffle_buffer if shuffle_initial is None else shuffle_initial
+        if pad_to_multiple_of < 1:
+            raise ValueError(f"data.pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+        self.pad_to_multiple_of = pad_to_multiple_of
         if not 1 <= self.shuffle_initial or shuffle_buffer < 1:
             raise ValueError(f"data: shuffle_buffer ({shuffle_buffer}) and shuffle_initial ({shuffle_initial}) must be >= 1")
         self.strict, self.seed = strict, seed
@@ -173,7 +179,7 @@ class VisorDataModule(pl.LightningDataModule):
         assert self.encoder is not None, "call setup() first"
         return ShardStream(
             urls, train=train, batch_size=batch_size, encode=_EncodeExample(self.encoder),
-            collate=functools.partial(collate, pad_id=self.encoder.pad_id), stats=stats,
+            collate=functools.partial(collate, pad_id=self.encoder.pad_id, pad_to_multiple_of=self.pad_to_multiple_of), stats=stats,
             batches_per_worker=self.batches_per_worker if train else 0, shuffle_buffer=self.shuffle_buffer,
             shuffle_initial=self.shuffle_initial, seed=self.seed, max_pixels=self.max_pixels, swap=swap,
         )

@@ -12,11 +12,12 @@ import json
 import os
 import shlex
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from visor_lightning.lit.tracking import PARENT_ENV, code_version, run_name, tracking_uri
+from visor_lightning.lit.tracking import METRICS_ENV, PARENT_ENV, code_version, run_name, tracking_uri
 from visor_lightning.models.policy import check_knob, knob_target
 
 STAGE_KEYS = {"name", "config", "from", "args", "fit_args"}
@@ -134,6 +135,28 @@ def stage_args(stage: dict[str, Any], out: Path, experiment: str, done: dict[str
     return args + own_args(stage) + own_args(stage, "fit_args")
 
 
+def launches_processes(argv: list[str]) -> bool:
+    """Whether ``visor fit argv`` starts more than one process (``--trainer.devices N``, N > 1, or ``--trainer.num_nodes``).
+    Lightning starts the other ranks by running the current command again, so such a stage runs as its own
+    ``visor fit`` process: in-process, the other ranks would re-run the whole pipeline."""
+    for flag, value in zip(argv, argv[1:]):
+        if flag in ("--trainer.devices", "--trainer.num_nodes") and value not in ("1", "auto"):
+            return True
+    return False
+
+
+def run_fit_process(argv: list[str], root: Path) -> dict[str, Any]:
+    """``visor fit argv`` as a child process (its output streams through); its final metrics, for the stage line."""
+    import subprocess
+
+    metrics_file = root / "final_metrics.json"
+    env = {**os.environ, METRICS_ENV: str(metrics_file)}
+    code = subprocess.run([sys.executable, "-m", "visor_lightning.cli", *argv], env=env).returncode
+    if code:
+        raise RuntimeError(f"stage {root.name}: `visor {shlex.join(argv)}` exited with {code} (its output is above)")
+    return json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+
+
 def stage_line(name: str, seconds: float, metrics: dict[str, Any]) -> str:
     """One line per finished stage: name, time, final training loss and the validation accuracies."""
     parts = [f"== stage {name}: done in {seconds:.0f} s"]
@@ -206,9 +229,12 @@ def run_pipeline(cfg: dict[str, Any], restart: bool = False, only_data: bool = F
                     argv = stage_args(st, out, experiment, done) + list(extra or []) + match_steps(cfg, st, done)
                     print(f"== stage {st['name']}: visor {shlex.join(argv)}")
                     t = time.perf_counter()
-                    cli = run_cli(argv)
+                    if launches_processes(argv):
+                        metrics = run_fit_process(argv, root)
+                    else:
+                        metrics = run_cli(argv).trainer.callback_metrics
                     timings[st["name"]] = round(time.perf_counter() - t, 1)
-                    print(stage_line(st["name"], timings[st["name"]], cli.trainer.callback_metrics), flush=True)
+                    print(stage_line(st["name"], timings[st["name"]], metrics), flush=True)
                 done[st["name"]] = root
         finally:
             os.environ.pop(PARENT_ENV, None)

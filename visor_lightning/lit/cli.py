@@ -9,6 +9,7 @@ where the hardware has it, a Rich progress bar, data skip counts, and the final 
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import warnings
@@ -234,7 +235,12 @@ def run_cli(args: list[str] | None) -> VisorCLI:
     """``args=None`` reads ``sys.argv[1:]`` (the shell); the pipeline passes its own."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        return VisorCLI(args=args)
+        cli = VisorCLI(args=args)
+        from .tracking import METRICS_ENV
+
+        if os.environ.get(METRICS_ENV) and cli.trainer.is_global_zero:
+            Path(os.environ[METRICS_ENV]).write_text(json.dumps({k: float(v) for k, v in cli.trainer.callback_metrics.items()}))
+        return cli
     except (TrackingUnavailable, NonFiniteLossError) as e:
         if args is not None:
             raise

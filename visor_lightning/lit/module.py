@@ -77,6 +77,8 @@ class VisorLitModule(pl.LightningModule):
         expected_trainable: if set, fail unless exactly this many parameters train (a guard for stage 1).
         token_pool: VISOR-TR visual-token pooling factor (1, 2, 4, ...) over whatever the model was built or
             loaded with; None keeps ``backbone.token_pool`` / the handed-over weights' setting.
+        compile: ``torch.compile`` each decoder layer, CA block and vision layer (static shapes; pair it with
+            ``data.pad_to_multiple_of``). Pays on GPUs; on the 2-core CPU demo it does not (docs/science.md), so off.
     """
 
     stage = "base"
@@ -100,12 +102,17 @@ class VisorLitModule(pl.LightningModule):
         max_new_tokens: int = 8,
         expected_trainable: int | None = None,
         token_pool: int | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         # under LightningCLI, hparams hold the raw config (plain dicts), so the typed objects are kept here
         self.backbone_cfg, self.schedule_cfg = _as_backbone(backbone), _as_schedule(schedule)
         self.model = self.build_model().train()  # transformers' from_pretrained leaves modules in eval mode
+        if compile:
+            from visor_lightning.models.compiled import compile_blocks
+
+            compile_blocks(self.model)
         if token_pool is not None:
             self.model.set_token_pool(token_pool)
         parts = list(train_parts) if train_parts is not None else list(self.default_parts)

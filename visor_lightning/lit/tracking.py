@@ -14,6 +14,7 @@ from typing import Any
 
 RUN_ID_FILE = "mlflow_run_id"
 PARENT_ENV = "VISOR_PARENT_RUN_ID"
+METRICS_ENV = "VISOR_FINAL_METRICS"  # a file: `visor pipeline` reads a child `visor fit`'s final metrics from it
 
 
 def tracking_uri(create: bool = True) -> str:
