@@ -167,12 +167,18 @@ def test_text_before_the_image_does_not_see_it(visor_model):
     assert (a.logits[after] - b.logits[after]).abs().amax(-1).min() > 1e-4
 
 
-def test_text_only_batch_runs_and_caches(visor_model):
-    """No image at all: CA blocks see no visual token and add nothing; cached generation still matches."""
+def test_text_only_batch_is_the_host_lm_and_caches(spec):
+    """No image at all: CA blocks (woken up) see no visual token and add nothing, so the logits are the host LLM's
+    on the same ids, whatever the policy picks; cached generation still matches."""
+    from conftest import make_host, wake_new_weights
+
+    host = make_host(spec)
+    visor_model = wake_new_weights(VisorModel(spec, ScheduleConfig(), host=host).eval())
     ids = torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = visor_model(ids, use_policy=True)
-    assert torch.isfinite(out.logits).all()
+        want = host(input_ids=ids).logits
+    torch.testing.assert_close(out.logits, want, atol=1e-5, rtol=1e-5)
     a, _ = visor_model.generate(ids, max_new_tokens=4)
     b, _ = visor_model.generate(ids, max_new_tokens=4, use_cache=False)
     assert torch.equal(a, b)

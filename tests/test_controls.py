@@ -88,8 +88,10 @@ def test_eval_reports_swapped_accuracy_and_the_baseline(tiny_pipeline, tmp_path,
     real = {(r["set"], r["target"], r["id"]): r for r in doc["samples"] if not r["swapped"]}
     swapped = {(r["set"], r["target"], r["id"]): r for r in doc["samples"] if r["swapped"]}
     assert real.keys() == swapped.keys() and len(real) == 2 * 16 * 5  # 2 sets x 16 samples x (4 configs + policy)
-    for k, r in real.items():  # a model that cannot see answers the same whatever the image
+    for k, r in real.items():  # every swapped pass received another image; a model that cannot see answers the same
+        assert swapped[k]["image"] != r["image"], k
         assert swapped[k]["prediction"] == r["prediction"], k
+    # (a seeing model loses accuracy under the swap: tests/test_demo_findings.py checks every trained demo row)
     for s, per in doc["results"].items():
         for t, r in per.items():
             assert r["acc_swapped"] == pytest.approx(r["acc"]) and r["samples"] == 16

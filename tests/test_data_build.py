@@ -69,9 +69,12 @@ def test_synthetic_is_deterministic_and_split_dependent():
     cfg = SyntheticConfig(image_size=64)
     a, img_a = make_sample(cfg, 3, "train", 5)
     b, img_b = make_sample(cfg, 3, "train", 5)
-    c, _ = make_sample(cfg, 3, "test", 5)
     assert a == b and img_a.tobytes() == img_b.tobytes()
-    assert a["conversations"] != c["conversations"] or a["id"] != c["id"]
+    # split-dependent: the same seed and index draw other images (and questions) in another split, for every task
+    for i in range(6):
+        (x, img_x), (y, img_y) = make_sample(cfg, 3, "train", i), make_sample(cfg, 3, "test", i)
+        assert img_x.tobytes() != img_y.tobytes(), i
+        assert x["task"] == y["task"]  # same task by index: the images differ because the split does
     tasks = {make_sample(cfg, 0, "train", i)[0]["task"] for i in range(3)}
     assert tasks == {"read", "count", "chart"}
     with pytest.raises(ValueError, match="tasks"):

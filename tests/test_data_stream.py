@@ -81,6 +81,28 @@ def test_collated_batch_runs_through_the_model(shards):
     assert tokens.shape == (6, 2)
 
 
+def test_padding_to_a_multiple_changes_shapes_not_results(shards):
+    """data.pad_to_multiple_of (for model.compile): lengths rounded up, the loss and the answers unchanged."""
+    examples = list(read_samples(shards.easy_urls[:1] + shards.hard_urls[:1], SkipStats()))[:6]
+    enc = _encoder(shards)
+    encoded = [enc(ex.conv, ex.image) for ex in examples]
+    plain = collate(encoded, pad_id=shards.tokenizer.pad_token_id)
+    padded = collate(encoded, pad_id=shards.tokenizer.pad_token_id, pad_to_multiple_of=16)
+    for k in ("input_ids", "prompt_ids"):
+        assert padded[k].shape[1] % 16 == 0 and padded[k].shape[1] > plain[k].shape[1], k
+    assert padded["attention_mask"].sum() == plain["attention_mask"].sum()
+    assert padded["prompt_mask"].sum() == plain["prompt_mask"].sum()
+    torch.manual_seed(0)
+    model = VisorModel(shards.spec, LayerSchedule.build(shards.spec.text.num_layers), host=None).eval()
+    with torch.no_grad():
+        losses = [model(b["input_ids"], b["pixel_values"], b["image_sizes"], b["attention_mask"], labels=b["labels"]).loss
+                  for b in (plain, padded)]
+        answers = [model.generate(b["prompt_ids"], b["pixel_values"], b["image_sizes"], b["prompt_mask"], max_new_tokens=2)[0]
+                   for b in (plain, padded)]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(answers[1], answers[0])
+
+
 def test_mismatched_tokenizer_and_too_long(shards):
     with pytest.raises(ValueError, match="<image> id 3 != backbone.image_token_id 511"):
         Encoder(shards.tokenizer, tiny_backbone(vocab_size=512))

@@ -87,6 +87,9 @@ def test_zero2_checkpoints_resume_and_hand_over(runs, demo_data, tmp_path):
     # a step checkpoint (ZeRO shards) seeds the next stage directly (converted on the fly)
     model = load_weights(weights_dir(root / "checkpoints" / "last.ckpt"))
     assert model.schedule.num_layers == 6
+    # last.ckpt was written at the final step (every 6 of 12): its converted tensors are the final weights, every one
+    state = model.state_dict()
+    assert b.keys() <= state.keys() and all(torch.equal(state[k], b[k]) for k in b)
     # a plain Lightning .ckpt file from the one-process run does too, read with weights_only=True
     load_weights(weights_dir(runs["one"][1] / "checkpoints" / "last.ckpt"))
     # a file that is not ours is refused with its name

@@ -37,22 +37,25 @@ def _ckpt_step(path: Path) -> int:
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_at_that_step_naming_samples_and_checkpoint(tiny_pipeline, tmp_path):
-    # an absurd learning rate blows the weights up within a few steps
-    done = _fit(tiny_pipeline, tmp_path, "--model.init_args.lr", "1e12", "--model.init_args.warmup_steps", "0", steps=30)
+@pytest.mark.parametrize("at", [5, 1])
+def test_nan_loss_stops_at_that_step_naming_samples_and_checkpoint(tiny_pipeline, tmp_path, at):
+    """A NaN loss at step 5 (checkpoints every 2 steps: step 4's is the last good one) and at step 1 (none yet)."""
+    drill = json.dumps({"class_path": "drill_callbacks.NanLossAt", "init_args": {"at": at}})
+    done = _fit(tiny_pipeline, tmp_path, f"--trainer.callbacks+={drill}", steps=8)
     assert done.returncode == 2, done.stderr[-3000:]
     err = done.stderr
-    assert "visor: error: train loss is nan" in err or "visor: error: train loss is inf" in err, err[-3000:]
-    step = int(err.split("at global step ")[1].split(" ")[0])
-    assert 1 <= step < 30 and "batch sample ids: " in err and "resume with --ckpt_path last" in err
+    assert f"visor: error: train loss is nan at global step {at} (rank 0; batch sample ids: " in err, err[-3000:]
+    assert "resume with --ckpt_path last" in err
     ids = err.split("batch sample ids: ")[1].split(")")[0].split(", ")
     assert len(ids) == 2 and all(i and i != "unknown" for i in ids)
     ckpts = tmp_path / "run" / "checkpoints"
-    if step >= 2:  # a checkpoint existed: it is named, and it holds finite weights from before the blow-up
+    if at == 1:
+        assert "no checkpoint written yet" in err and "last good checkpoint" not in err
+    else:  # named, and it holds step 4's finite weights, from before the NaN
         named = Path(err.split("last good checkpoint: ")[1].split(". ")[0])
         assert named.parent == ckpts and named.is_file()
         state = torch.load(named, map_location="cpu", weights_only=True)
-        assert state["global_step"] <= step
+        assert state["global_step"] == 4
         assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
     assert not (tmp_path / "run" / "weights").exists()  # a failed stage hands nothing over
 

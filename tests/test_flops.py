@@ -50,6 +50,12 @@ def test_prefill_flops_match_flop_counter(spec, schedule):
         crops = model.connector.num_crops((40, 70))
         analytic = fm.prefill(sch.feasible[int(chosen)], nt, nv) + fm.vision(crops) + fm.connector(crops, nv)
         _within(analytic, real)
+        # the policy's own term (~0.3% of the total, inside the 2%): exactly the routed count minus the count of the
+        # same configuration forced
+        forced = measured(lambda: model(ids, pixels, image_sizes, config_ids=chosen, last_only=True))
+        active = sch.feasible[int(chosen)]
+        policy_term = fm.prefill(active, nt, nv, routed=True) - fm.prefill(active, nt, nv, routed=False)
+        assert policy_term > 0 and real - forced == policy_term
 
 
 def test_vision_and_connector_flops_match(spec):

@@ -138,3 +138,9 @@ def test_bad_arguments_and_missing_lmms_eval(tiny_pipeline):
     except ImportError:
         with pytest.raises(ImportError, match="pip install lmms-eval"):
             register()
+    else:  # the extra is installed (make install): the model class lands in lmms-eval's registry under the name
+        from lmms_eval.api.registry import get_model
+
+        from visor_lightning.commands.lmms_eval_model import Visor
+
+        assert register("visor-alias") is Visor and get_model("visor-alias") is Visor

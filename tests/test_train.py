@@ -26,6 +26,29 @@ def test_accumulation_from_global_batch():
         accumulation(100, 8, 4, 1)
 
 
+def test_fit_args_reach_training_only_and_multi_process_stages_run_as_their_own_process(monkeypatch, tmp_path):
+    """The demo's base trains with DDP over 2 processes (fit_args): its `visor fit` gets the flags, its `visor eval`
+    does not, and the pipeline runs it as a child process (in-process, Lightning's second rank would re-run the
+    pipeline itself; the demo test runs it for real)."""
+    from visor_lightning.commands.pipeline import launches_processes, load_pipeline, stage_args, stage_extra
+
+    monkeypatch.setenv("VISOR_DATA", str(tmp_path))
+    cfg = load_pipeline(ROOT / "experiments/debug/pipeline.yaml")
+    done = {st["name"]: tmp_path / st["name"] for st in cfg["stages"]}
+    argv = {st["name"]: stage_args(st, tmp_path, "x", done) for st in cfg["stages"]}
+    for name in ("base", "dense_long"):
+        assert " ".join(argv[name]).endswith("--trainer.devices 2 --data.batch_size 8")
+        assert "--trainer.devices" not in stage_extra(cfg, name)
+        assert launches_processes(argv[name])
+    assert not any(launches_processes(a) for n, a in argv.items() if n not in ("base", "dense_long"))
+    assert not launches_processes(argv["base"] + ["--trainer.devices=1"])  # the last one wins, as in the parser
+    assert launches_processes(["fit", "--trainer.num_nodes", "2"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("out: x\nstages:\n  - {name: a, config: experiments/debug/stage0_base.yaml, fitargs: {x: 1}}\n")
+    with pytest.raises(ValueError, match=r"stages\[0\] needs name and config \(optional: from, args, fit_args\); unknown \['fitargs'\]"):
+        load_pipeline(bad)
+
+
 def test_every_stage_config_prints_its_resolved_config(demo_data, monkeypatch, capsys):
     monkeypatch.setenv("VISOR_DATA", str(demo_data))
     for path in STAGE_CONFIGS:

@@ -152,6 +152,9 @@ def _add_bench_parsers(sub) -> None:
     tr.add_argument("--device", default=None, help="cpu, cuda (default: cuda when present)")
     tr.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     tr.add_argument("--profile", default=None, metavar="FILE|GPU", help="device profile (default: this machine's)")
+    tr.add_argument("--compile", action="store_true", help="also time every row compiled (model.compile), with its "
+                    "compile seconds; e.g. the demo model: --config experiments/debug/tiny.yaml --batch 16 "
+                    "--text-tokens 64 --visual-tokens 36")
     tr.add_argument("--json", action="store_true", help="print JSON instead of a table")
     tr.add_argument("--out", default=None, help="also write the JSON to this file")
 
@@ -248,7 +251,8 @@ def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
 
         section, work = _section_and_workload(args)
         res = run_train_bench(section, work, batch=args.batch, repeats=args.repeats, warmup=args.warmup,
-                              device=args.device, dtype=args.dtype, progress=not args.json, profile=_bench_profile(args))
+                              device=args.device, dtype=args.dtype, progress=not args.json, profile=_bench_profile(args),
+                              compile=args.compile)
         res["config"] = args.config
         return _write_and_show(args, res, train_md(res), out)
     from .commands.bench_data import run_bench_data

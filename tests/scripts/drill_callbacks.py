@@ -51,3 +51,18 @@ class MlflowOutage(pl.Callback):
                 except OSError:
                     time.sleep(0.5)
             raise RuntimeError("the MLflow server did not come back")
+
+
+class NanLossAt(pl.Callback):
+    """At global step ``at``, before that step's forward, one weight of the model becomes NaN: that step's loss is
+    NaN, at a step the drill chooses (a huge learning rate blows up at whatever step it likes)."""
+
+    def __init__(self, at: int = 5) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import torch
+
+        if trainer.global_step == self.at:
+            with torch.no_grad():
+                next(p for p in pl_module.parameters() if p.requires_grad).view(-1)[0] = float("nan")

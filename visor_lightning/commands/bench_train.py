@@ -24,14 +24,13 @@ from visor_lightning.models.schedule import LayerSchedule, config_name
 
 def run_train_bench(section, work: Workload, *, batch: int = 1, repeats: int = 2, warmup: int = 1,
                     device: str | None = None, dtype: str | None = None, progress: bool = True,
-                    profile: DeviceProfile | None = None) -> dict[str, Any]:
+                    profile: DeviceProfile | None = None, compile: bool = False) -> dict[str, Any]:
+    """``compile`` adds a compiled twin of every row (same weights: a second copy of the model, its decoder
+    layers and CA blocks compiled as ``model.compile`` does); its first call's extra time is its compile time."""
     dev, dt = resolve_device(device, dtype)
     spec, sch = section.backbone, section.schedule
     nt, nv = work.text_tokens, work.resolve_visual(spec)
     nv_dense = work.resolve_visual(replace(spec, token_pool=1))
-    visor, dense = build_lms(section, dev, dt)
-    visor.train()
-    dense.train()
     fm = FlopsModel(spec, sch, section.policy_width)
     bpe = torch.empty((), dtype=dt).element_size()
     prof = profile or get_profile(dev.type, str(dt).removeprefix("torch."), progress=(print if progress else None))
@@ -40,39 +39,55 @@ def run_train_bench(section, work: Workload, *, batch: int = 1, repeats: int = 2
     emb, is_vis, mask = make_inputs(spec.text.hidden_size, nt, nv, batch, dev, dt)
     emb_d, is_vis_d, mask_d = make_inputs(spec.text.hidden_size, nt, nv_dense, batch, dev, dt)
     targets = torch.randint(0, spec.text.vocab_size, (batch * nt,), generator=torch.Generator().manual_seed(2)).to(dev)
-    # one optimizer over every parameter: rows without a gradient (CA blocks in the dense row) are skipped by AdamW
-    opt = torch.optim.AdamW(visor.parameters(), lr=1e-6)
 
-    rows: list[dict[str, Any]] = [dict(config="dense", sa="all", lm=dense, inputs=(emb_d, is_vis_d, mask_d), ids=None,
-                                       keys=fm.visual_keys(None, nv_dense), ca_nv=None, cm=dense_cm)]
-    for cid, active in enumerate(sch.feasible):
-        rows.append(dict(config=config_name(active), sa=len(active), lm=visor, inputs=(emb, is_vis, mask),
-                         ids=torch.full((batch,), cid, device=dev), keys=fm.visual_keys(active, nv), ca_nv=nv, cm=cm))
+    rows: list[dict[str, Any]] = []
+    for mode in ("eager", "compiled") if compile else ("eager",):
+        visor, dense = build_lms(section, dev, dt)  # the same seed: both modes train the same weights
+        visor.train()
+        dense.train()
+        if mode == "compiled":
+            from visor_lightning.models.compiled import compile_lm
+
+            compile_lm(visor)  # the dense LM shares these layers
+        # one optimizer over every parameter: rows without a gradient (CA blocks in the dense row) are skipped by AdamW
+        opt = torch.optim.AdamW(visor.parameters(), lr=1e-6)
+        rows.append(dict(config="dense", sa="all", mode=mode, lm=dense, owner=visor, opt=opt, inputs=(emb_d, is_vis_d, mask_d),
+                         ids=None, keys=fm.visual_keys(None, nv_dense), ca_nv=None, cm=dense_cm))
+        for cid, active in enumerate(sch.feasible):
+            rows.append(dict(config=config_name(active), sa=len(active), mode=mode, lm=visor, owner=visor, opt=opt,
+                             inputs=(emb, is_vis, mask), ids=torch.full((batch,), cid, device=dev),
+                             keys=fm.visual_keys(active, nv), ca_nv=nv, cm=cm))
 
     def step(r: dict[str, Any]) -> None:
         out = r["lm"](*r["inputs"], config_ids=r["ids"])
         loss = torch.nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(), targets)
         loss.backward()
-        r["trained"] = sum(p.numel() for p in visor.parameters() if p.grad is not None and p.dim() == 2)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        r["trained"] = sum(p.numel() for p in r["owner"].parameters() if p.grad is not None and p.dim() == 2)
+        r["opt"].step()
+        r["opt"].zero_grad(set_to_none=True)
 
     timer = _timer(dev)
-    times: dict[str, list[float]] = {r["config"]: [] for r in rows}
-    for rnd in range(warmup + repeats):
+    key = lambda r: (r["config"], r["mode"])  # noqa: E731
+    times: dict[tuple[str, str], list[float]] = {key(r): [] for r in rows}
+    first: dict[tuple[str, str], float] = {}
+    for rnd in range(max(1, warmup) + repeats):
         for r in rows:
             t = timer(lambda: step(r))
-            if rnd >= warmup:
-                times[r["config"]].append(t)
+            first.setdefault(key(r), t)
+            if rnd >= max(1, warmup):
+                times[key(r)].append(t)
         if progress:
-            print(f"[visor bench train] round {rnd + 1}/{warmup + repeats} ({'warm-up' if rnd < warmup else 'timed'})", flush=True)
+            print(f"[visor bench train] round {rnd + 1}/{max(1, warmup) + repeats} "
+                  f"({'warm-up' if rnd < max(1, warmup) else 'timed'})", flush=True)
 
-    base = statistics.median(times["dense"])
+    base = statistics.median(times[("dense", "eager")])
     out_rows = []
     for r in rows:
-        t = statistics.median(times[r["config"]])
+        t = statistics.median(times[key(r)])
         pred = r["cm"].train_step(r["keys"], nt, batch=batch, trainable_params=r["trained"], ca_nv=r["ca_nv"])
-        out_rows.append(dict(config=r["config"], sa_layers=r["sa"], median_ms=1e3 * t, predicted_ms=pred.ms,
+        out_rows.append(dict(config=r["config"], mode=r["mode"], sa_layers=r["sa"], median_ms=1e3 * t,
+                             samples_per_s=batch / t, predicted_ms=pred.ms,
+                             compile_s=max(0.0, first[key(r)] - t) if r["mode"] == "compiled" else None,
                              measured_over_predicted=1e3 * t / pred.ms, measured_speedup=base / t,
                              trained_matrix_params=r["trained"], step_tflops=pred.flops / 1e12,
                              predicted_parts_ms={k: 1e3 * v for k, v in pred.parts.items()}))
@@ -84,13 +99,16 @@ def run_train_bench(section, work: Workload, *, batch: int = 1, repeats: int = 2
 
 
 def markdown(res: dict[str, Any]) -> str:
-    head = ("| config | SA layers | step ms | predicted ms | measured / predicted | speed-up vs dense | predicted speed-up "
-            "| step TFLOPs (fwd + bwd) | trained matrix params (M) |")
+    head = ("| config | mode | SA layers | step ms | samples/s | compile s | predicted ms | measured / predicted "
+            "| speed-up vs dense | predicted speed-up | step TFLOPs (fwd + bwd) | trained matrix params (M) |")
     lines = [f"train step on {res['device']} ({res['dtype']}, {res['threads']} threads), batch {res['batch']}, "
-             f"{res['text_tokens']} text + {res['visual_tokens']} visual tokens, median of {res['repeats']} rounds; "
+             f"{res['text_tokens']} text + {res['visual_tokens']} visual tokens, median of {res['repeats']} rounds (speed-up: "
+             f"against eager dense); "
              f"schedule {res['schedule']}", "", head, "|" + "---|" * (head.count("|") - 1)]
     for r in res["rows"]:
-        lines.append(f"| {r['config']} | {r['sa_layers']} | {r['median_ms']:.0f} | {r['predicted_ms']:.0f} | "
+        comp = f"{r['compile_s']:.1f}" if r.get("compile_s") is not None else "-"
+        lines.append(f"| {r['config']} | {r['mode']} | {r['sa_layers']} | {r['median_ms']:.1f} | {r['samples_per_s']:.1f} | "
+                     f"{comp} | {r['predicted_ms']:.0f} | "
                      f"{r['measured_over_predicted']:.2f} | {r['measured_speedup']:.2f}x | {r['predicted_speedup']:.2f}x | "
                      f"{r['step_tflops']:.3f} | {r['trained_matrix_params'] / 1e6:.1f} |")
     lines.append(f"\nprofile: {res['profile']}")

@@ -136,13 +136,15 @@ def stage_args(stage: dict[str, Any], out: Path, experiment: str, done: dict[str
 
 
 def launches_processes(argv: list[str]) -> bool:
-    """Whether ``visor fit argv`` starts more than one process (``--trainer.devices N``, N > 1, or ``--trainer.num_nodes``).
-    Lightning starts the other ranks by running the current command again, so such a stage runs as its own
-    ``visor fit`` process: in-process, the other ranks would re-run the whole pipeline."""
-    for flag, value in zip(argv, argv[1:]):
-        if flag in ("--trainer.devices", "--trainer.num_nodes") and value not in ("1", "auto"):
-            return True
-    return False
+    """Whether ``visor fit argv`` starts more than one process (``--trainer.devices N`` with N > 1, or several nodes;
+    the last occurrence of a flag wins, as in the parser). Lightning starts the other ranks by running the current
+    command again, so such a stage runs as its own ``visor fit`` process: in-process, they would re-run the pipeline."""
+    value = {"--trainer.devices": "1", "--trainer.num_nodes": "1"}
+    for i, arg in enumerate(argv):
+        flag, eq, v = arg.partition("=")
+        if flag in value:
+            value[flag] = v if eq else (argv[i + 1] if i + 1 < len(argv) else "1")
+    return any(v not in ("1", "auto") for v in value.values())
 
 
 def run_fit_process(argv: list[str], root: Path) -> dict[str, Any]:
@@ -151,7 +153,7 @@ def run_fit_process(argv: list[str], root: Path) -> dict[str, Any]:
 
     metrics_file = root / "final_metrics.json"
     env = {**os.environ, METRICS_ENV: str(metrics_file)}
-    code = subprocess.run([sys.executable, "-m", "visor_lightning.cli", *argv], env=env).returncode
+    code = subprocess.run([sys.executable, "-m", "visor_lightning", *argv], env=env).returncode
     if code:
         raise RuntimeError(f"stage {root.name}: `visor {shlex.join(argv)}` exited with {code} (its output is above)")
     return json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}

@@ -78,7 +78,8 @@ class VisorLitModule(pl.LightningModule):
         token_pool: VISOR-TR visual-token pooling factor (1, 2, 4, ...) over whatever the model was built or
             loaded with; None keeps ``backbone.token_pool`` / the handed-over weights' setting.
         compile: ``torch.compile`` each decoder layer, CA block and vision layer (static shapes; pair it with
-            ``data.pad_to_multiple_of``). Pays on GPUs; on the 2-core CPU demo it does not (docs/science.md), so off.
+            ``data.pad_to_multiple_of``). Off by default: measure with ``visor bench train --compile`` first (the CPU
+            demo's numbers: docs/science.md, "Throughput").
     """
 
     stage = "base"
@@ -428,9 +429,10 @@ class VisorLitModule(pl.LightningModule):
         self.flops_mean[k].update(flops)
         if self.sample_records is not None:
             tasks = batch.get("task") or [""] * bs
+            images = self._image_fingerprints(batch["pixel_values"])
             new = [
                 {"set": s, "target": t, "id": batch["id"][i], "subset": batch["subset"][i], "task": tasks[i],
-                 "question": batch["question"][i], "prediction": p,
+                 "image": images[i], "question": batch["question"][i], "prediction": p,
                  "answer": a, "correct": normalize_answer(p) == normalize_answer(a),
                  "config": t if fastv else self.schedule.names[int(c)], "gflops": float(f) / 1e9,
                  "dense_gflops": float(d) / 1e9}
@@ -442,6 +444,18 @@ class VisorLitModule(pl.LightningModule):
             self.sample_records += new
         if routed:
             self.choice[k].update(chosen)
+
+    def _image_fingerprints(self, pixels: torch.Tensor) -> list[str]:
+        """A short hash of the pixels each sample's model input held, once per batch (every target of a batch reads
+        the same tensor): the records show which image an answer saw, e.g. another one under the swap control."""
+        import hashlib
+
+        memo = getattr(self, "_fingerprint_memo", None)
+        if memo is None or memo[0] is not pixels:
+            flat = pixels.detach().cpu().contiguous().numpy()
+            memo = (pixels, [hashlib.sha1(flat[i].tobytes()).hexdigest()[:12] for i in range(len(flat))])
+            self._fingerprint_memo = memo
+        return memo[1]
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self.validation_step(batch, batch_idx, dataloader_idx)

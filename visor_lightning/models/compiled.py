@@ -20,12 +20,20 @@ CACHE_SIZE_LIMIT = 256  # compiled shapes per block class before dynamo falls ba
 
 def compile_blocks(model: nn.Module, dynamic: bool | None = False) -> int:
     """Compile the repeated blocks of a ``VisorModel`` in place; returns how many modules were wrapped."""
+    return compile_lm(model.lm, dynamic) + _compile(vision_layers(model), dynamic)
+
+
+def compile_lm(lm: nn.Module, dynamic: bool | None = False) -> int:
+    """The language backbone's part: every decoder layer and CA block of a ``VisorLanguageModel``."""
+    return _compile([*lm.layers, *lm.ca_blocks.values()], dynamic)
+
+
+def _compile(blocks: list[nn.Module], dynamic: bool | None) -> int:
     import torch._dynamo
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, CACHE_SIZE_LIMIT)
     torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit,
                                                             4 * CACHE_SIZE_LIMIT)
-    blocks = [*model.lm.layers, *model.lm.ca_blocks.values(), *vision_layers(model)]
     for block in blocks:
         block.compile(dynamic=dynamic)
     _classes.update(type(b) for b in blocks)
