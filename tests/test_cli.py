@@ -81,6 +81,35 @@ def test_every_config_is_headed_by_its_command_and_parses(path, capsys):
     assert rows[0]["config"] == "dense" and len(rows) == 1 + len(section.schedule.feasible)
 
 
+def test_flops_workload_flags_set_the_counts(capsys):
+    """--text-tokens, --visual-tokens and --kv-bytes reach every row: FLOPs from the FLOPs model at those counts, the
+    visual KV by hand (SA layers and CA blocks hold visual keys: x tokens x K and V x 2 KV heads x 16 dims x bytes)."""
+    from visor_lightning.flops import FlopsModel
+
+    assert main(["flops", "--config", "experiments/debug/tiny.yaml", "--json", "--text-tokens", "10", "--visual-tokens",
+                 "20", "--kv-bytes", "4"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    sec = load_model_section(ROOT / "experiments/debug/tiny.yaml")
+    fm = FlopsModel(sec.backbone, sec.schedule, sec.policy_width)
+    assert (out["workload"]["text_tokens"], out["workload"]["visual_tokens"], out["workload"]["bytes_per_element"]) == (10, 20, 4)
+    for r, active in zip(out["rows"], [None, *sec.schedule.feasible]):
+        assert (r["text_tokens"], r["visual_tokens"]) == (10, 20)
+        assert r["prefill_flops"] == fm.prefill(active, 10, 20), r["config"]  # VISOR rows: the policy MLP included
+        layers = 6 if active is None else len(active) + len(sec.schedule.ca_layers)  # SA layers, and CA blocks' K/V
+        assert r["visual_kv_bytes"] == layers * 20 * 2 * 2 * 16 * 4, r["config"]
+
+
+def test_bench_serve_eager_decode_prices_the_launches(capsys):
+    rows = []
+    for flag in ([], ["--eager-decode"]):
+        assert main(["bench", "serve", "--config", "experiments/debug/tiny.yaml", "--grids", "1x1", *flag, "--json"]) == 0
+        rows.append({r["config"]: r for r in json.loads(capsys.readouterr().out)["grids"][0]["rows"]})
+    graphs, eager = rows
+    for name in graphs:  # a decode step replayed as a CUDA graph skips the per-op launch cost; eager pays it
+        assert eager[name]["decode_tokens_per_s"]["1"] < graphs[name]["decode_tokens_per_s"]["1"], name
+        assert eager[name]["prefill_ms"] == graphs[name]["prefill_ms"]
+
+
 def test_flops_json_for_05b(capsys):
     assert main(["flops", "--config", str(ROOT / "experiments/llava_ov_0.5b/model.yaml"), "--json", "--grid", "1x1"]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -79,7 +79,6 @@ def test_bench_train_times_eager_and_compiled_rows(capsys):
     configs = [r["config"] for r in res["rows"] if r["mode"] == "eager"]
     assert set(rows) == {(c, m) for c in configs for m in ("eager", "compiled")}
     for (config, mode), r in rows.items():
-        assert r["samples_per_s"] == pytest.approx(4 / (r["median_ms"] / 1e3))
         assert (r["compile_s"] is None) == (mode == "eager")
         # same weights, same inputs: the compiled twin trains the same parameters
         assert r["trained_matrix_params"] == rows[(config, "eager")]["trained_matrix_params"]

@@ -27,6 +27,25 @@ def test_dense_schedule_equals_transformers_llava_onevision(dense_pair):
             torch.testing.assert_close(ours.logits[i][slots], ref[positions], atol=1e-4, rtol=1e-4)
 
 
+def test_exported_llava_onevision_directory_gives_the_dense_models_logits(spec, tmp_path):
+    """export_llava_onevision loads its weights with strict=False: a key it failed to map would leave the fresh
+    directory's random init behind. transformers' model read back from the directory gives our logits."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from visor_lightning.lit.weights import export_llava_onevision
+
+    model = VisorModel(spec, LayerSchedule.dense(spec.text.num_layers), host=make_host(spec, seed=3)).eval()
+    export_llava_onevision(model, tmp_path / "hf")
+    back = LlavaOnevisionForConditionalGeneration.from_pretrained(str(tmp_path / "hf"), local_files_only=True).eval()
+    pixels, image_sizes, n_vis = image_batch(model, [(40, 70)])
+    ids, _, rows = prompt_batch(model, n_vis, before=[3], after=[7])
+    with torch.no_grad():
+        ours = model(ids, pixels, image_sizes)
+        ref = back(input_ids=ids, pixel_values=pixels, image_sizes=image_sizes).logits[0]
+    slots = ours.lm.streams.text_valid[0]
+    torch.testing.assert_close(ours.logits[0][slots], ref[ours.lm.streams.text_idx[0][slots]], atol=1e-5, rtol=1e-5)
+
+
 def test_zero_gates_and_no_sa_equal_host_lm_on_text_alone(spec):
     host = make_host(spec)
     model = VisorModel(spec, ScheduleConfig(num_sa=0), host=host).eval()
@@ -103,7 +122,13 @@ def test_llava_ov_05b_shapes_build_without_weights():
     new = model.new_parameters()
     host = sum(p.numel() for n, p in model.named_parameters() if n not in new)
     ca = sum(p.numel() for n, p in model.named_parameters() if n.startswith("lm.ca_blocks."))
-    assert 890e6 < host < 898e6
+    # exact, from the shapes: Qwen2-0.5B as published (tied head), SigLIP-so400m/14 at 384 with LLaVA-OV's 26 layers
+    # (patch conv, 729 positions, per layer 4 attention projections + a 1152-4304-1152 MLP + 2 LayerNorms, the post
+    # LayerNorm), the 2-layer projector 1152 -> 896 -> 896 with biases, the image newline
+    d, m = 1152, 4304
+    siglip = (3 * 14 * 14 * d + d) + 729 * d + 26 * (4 * (d * d + d) + (d * m + m + m * d + d) + 4 * d) + 2 * d
+    projector = 1152 * 896 + 896 + 896 * 896 + 896
+    assert host == 494_032_768 + siglip + projector + 896 == 893_618_208
     assert len(model.lm.ca_blocks) == 8
     # q/o: 896x896, k/v: 896x128 (GQA), plus norms and the gate, per CA block
     assert ca == 8 * (2 * 896 * 896 + 2 * 896 * 128 + 2 * 896 + 2 * 64 + 1)
