@@ -21,11 +21,8 @@ install: $(BIN)/visor
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/visor pipeline --config experiments/debug/pipeline.yaml
 
-# Two pytest workers, whole files each: one starts the demo test (tests/conftest.py collects it first), the other
-# takes the rest of the suite meanwhile. TEST_WORKERS=0 runs everything in one process.
-TEST_WORKERS ?= 2
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra tests
 
 clean:
 	rm -rf runs .pytest_cache

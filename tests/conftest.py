@@ -20,15 +20,6 @@ torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# The whole demo (tests/test_demo_findings.py) is the longest file by far: collected first, so that under `make test`'s
-# `-n 2 --dist loadfile --no-loadscope-reorder` one worker starts it at once and the other takes the rest.
-FIRST = ("test_demo_findings.py",)
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    items.sort(key=lambda item: item.path.name not in FIRST)  # stable: every other test keeps its order
-
-
 def make_host(spec, seed: int = 0):
     """A random transformers LlavaOnevisionForConditionalGeneration with the given shapes (sdpa, eval)."""
     from transformers import LlavaOnevisionForConditionalGeneration

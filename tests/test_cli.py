@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -132,11 +133,12 @@ def test_flops_json_for_05b(capsys):
 def test_config_errors_name_file_and_key(tmp_path, yaml_text, match, capsys):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(yaml_text)
-    with pytest.raises((ValueError, FileNotFoundError), match=match):
+    with pytest.raises((ValueError, FileNotFoundError), match=match) as raised:
         load_model_section(cfg)
+    assert str(cfg) in str(raised.value)  # the file, as well as the key
     assert main(["flops", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
-    assert "error" in err
+    assert err.startswith("visor flops: error: ") and str(cfg) in err and re.search(match, err), err
 
 
 def test_missing_config_file(capsys):

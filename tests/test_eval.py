@@ -45,7 +45,7 @@ def _reference(weights: Path, data: Path) -> dict[tuple[str, str, str], dict]:
                                                eos_token_id=tok.eos_token_id)
                 for i, pred in enumerate(tok.batch_decode(tokens, skip_special_tokens=True)):
                     out[(name, config, batch["id"][i])] = {
-                        "correct": normalize_answer(pred) == normalize_answer(batch["answer"][i]),
+                        "prediction": pred, "correct": normalize_answer(pred) == normalize_answer(batch["answer"][i]),
                         "gflops": fm.prefill(model.schedule.feasible[c], nt[i], nv[i], routed=False) / 1e9,
                         "dense_gflops": fm.prefill(None, nt[i], nv[i]) / 1e9,
                     }
@@ -64,7 +64,7 @@ def test_eval_equals_a_reference_computed_by_hand(tiny_pipeline, tmp_path, monke
     got = {(r["set"], r["target"], r["id"]): r for r in doc["samples"] if r["target"] != "policy" and not r["swapped"]}
     assert got.keys() == ref.keys() and len(ref) == 2 * 16 * 4  # 2 sets x 16 samples x 4 configurations
     for k, r in ref.items():
-        assert got[k]["correct"] == r["correct"], k
+        assert got[k]["prediction"] == r["prediction"] and got[k]["correct"] == r["correct"], k  # the answer itself
         assert abs(got[k]["gflops"] - r["gflops"]) < 1e-9 and abs(got[k]["dense_gflops"] - r["dense_gflops"]) < 1e-9
     for (s, t, _), _r in ref.items():
         rows = [v for (s2, t2, _), v in ref.items() if (s2, t2) == (s, t)]

@@ -189,3 +189,65 @@ def test_mlflow_holds_params_metrics_plot_and_weights(tiny_pipeline):
     assert "data/read" in runs["base"].data.metrics
     summary_arts = {a.path for a in client.list_artifacts(parent)}
     assert {"summary.md", "summary.json", "plots"} <= summary_arts
+
+
+@pytest.mark.slow
+def test_pipeline_rerun_keeps_finished_work_and_its_parent_run(tiny_pipeline, monkeypatch, capsys):
+    """`visor pipeline` again on a finished output: every stage and evaluation kept, weights untouched, the same parent
+    MLflow run; the stage args of the first run reached every stage (2 optimizer steps each)."""
+    from conftest import TINY_STEPS
+    from visor_lightning.commands.pipeline import load_pipeline, run_pipeline
+
+    out = tiny_pipeline["out"]
+    monkeypatch.setenv("VISOR_DATA", str(tiny_pipeline["data"]))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tiny_pipeline["uri"])
+    cfg = load_pipeline(ROOT / "experiments/debug/pipeline.yaml")
+    cfg.update(out=str(out), experiment="visor-test")
+    cfg.pop("data")
+    parent = (out / "mlflow_parent_run_id").read_text()
+    weights = {p: p.stat().st_mtime_ns for p in out.glob("*/weights/model.safetensors")}
+    assert len(weights) == len(cfg["stages"])
+    capsys.readouterr()
+    assert run_pipeline(cfg, extra=TINY_STEPS.split()) == 0
+    text = capsys.readouterr().out
+    for st in cfg["stages"]:
+        assert f"== stage {st['name']}: finished earlier ({out / st['name']}/weights), kept" in text
+    assert text.count("done earlier") == len(cfg["summary"]["visor"]) + 2  # dense, dense_long and each VISOR stage
+    assert (out / "mlflow_parent_run_id").read_text() == parent
+    assert {p: p.stat().st_mtime_ns for p in weights} == weights
+    steps = {st["name"]: json.loads((out / st["name"] / "weights" / "visor.json").read_text())["global_step"]
+             for st in cfg["stages"]}
+    assert {n: s for n, s in steps.items() if n != "dense_long"} == {n: 2 for n in steps if n != "dense_long"}
+
+
+def test_pipeline_only_data_builds_once_then_keeps(tmp_path, capsys, monkeypatch):
+    from visor_lightning.commands.pipeline import pipeline_main
+
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"out: {tmp_path / 'out'}\nexperiment: t\ndata:\n  dir: {tmp_path / 'data'}\n  builds:\n"
+                   "    - {source: synthetic, split: s, tasks: shape, max_samples: 12, shard_size: 6, image_size: 32}\n"
+                   "stages:\n  - {name: base, config: experiments/debug/stage0_base.yaml}\n")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
+    assert pipeline_main(["--config", str(cfg), "--only-data"]) == 0
+    first = capsys.readouterr().out
+    assert pipeline_main(["--config", str(cfg), "--only-data"]) == 0
+    second = capsys.readouterr().out
+    assert (tmp_path / "data" / "s-manifest.json").is_file() and "kept" not in first
+    assert "data: s already built (12 samples), kept" in second
+    assert "== stage" not in first + second and not (tmp_path / "out" / "base").exists()  # no stage ran
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["validate", "test"])
+def test_validate_and_test_score_a_stages_weights(tiny_pipeline, monkeypatch, tmp_path, command):
+    monkeypatch.setenv("VISOR_DATA", str(tiny_pipeline["data"]))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
+    cli = run_cli([command, "--config", str(ROOT / "experiments/debug/stage2_full.yaml"),
+                   "--model.init_args.init_from", str(tiny_pipeline["out"] / "full_finetune" / "weights"),
+                   "--trainer.default_root_dir", str(tmp_path / "run"), "--data.num_workers", "0",
+                   "--model.init_args.eval_configs", "all"])
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    prefix = "val" if command == "validate" else "test"
+    for family in ("easy", "hard"):  # every feasible configuration scored on both development sets
+        for config in ("sa", "sa_0", "sa_0_3", "sa_0_3_5"):
+            assert 0.0 <= metrics[f"{prefix}/{family}/acc/{config}"] <= 1.0, sorted(metrics)

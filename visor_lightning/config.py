@@ -53,7 +53,10 @@ def load_model_section(path: str | Path) -> ModelSection:
         pretrained = Path(spec.pretrained)
         if not pretrained.is_absolute():
             pretrained = (path.parent / pretrained) if (path.parent / pretrained).exists() else pretrained
-        spec = dataclasses.replace(BackboneSpec.from_pretrained_dir(pretrained), token_pool=spec.token_pool)
+        try:
+            spec = dataclasses.replace(BackboneSpec.from_pretrained_dir(pretrained), token_pool=spec.token_pool)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{path}: model.{e}") from e
     try:
         spec.pool_shape
     except ValueError as e:
