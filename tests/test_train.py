@@ -251,3 +251,26 @@ def test_validate_and_test_score_a_stages_weights(tiny_pipeline, monkeypatch, tm
     for family in ("easy", "hard"):  # every feasible configuration scored on both development sets
         for config in ("sa", "sa_0", "sa_0_3", "sa_0_3_5"):
             assert 0.0 <= metrics[f"{prefix}/{family}/acc/{config}"] <= 1.0, sorted(metrics)
+
+
+@pytest.mark.slow
+def test_pipeline_restart_trains_a_finished_stage_again_under_a_new_parent_run(demo_data, tmp_path, monkeypatch, capsys):
+    from conftest import TINY_STEPS
+    from visor_lightning.commands.pipeline import run_pipeline
+
+    monkeypatch.setenv("VISOR_DATA", str(demo_data))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
+    cfg = {"out": str(tmp_path / "out"), "experiment": "restart",
+           "stages": [{"name": "base", "config": "experiments/debug/stage0_base.yaml"}],
+           "summary": {"dense": "base", "eval": {"sets": {"easy": str(demo_data / "easy_test-manifest.json")}}}}
+    weights = tmp_path / "out" / "base" / "weights" / "model.safetensors"
+    parent = tmp_path / "out" / "mlflow_parent_run_id"
+    assert run_pipeline(cfg, extra=TINY_STEPS.split()) == 0
+    first = (weights.stat().st_mtime_ns, parent.read_text())
+    assert run_pipeline(cfg, extra=TINY_STEPS.split()) == 0  # kept: same weights, same parent run
+    assert "== stage base: finished earlier" in capsys.readouterr().out
+    assert (weights.stat().st_mtime_ns, parent.read_text()) == first
+    assert run_pipeline(cfg, restart=True, extra=TINY_STEPS.split()) == 0  # redone, in a new parent run
+    text = capsys.readouterr().out
+    assert "finished earlier" not in text and "done earlier" not in text and "== stage base: done in" in text
+    assert weights.stat().st_mtime_ns != first[0] and parent.read_text() != first[1]

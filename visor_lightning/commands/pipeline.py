@@ -417,8 +417,10 @@ def summarize(cfg: dict[str, Any], out: Path, done: dict[str, Path], docs: dict[
             rows.append(S.target_row(label, "dense", docs[name], only, dense_gflops))
     first = docs[visor[0]]
     for t in first["results"][next(iter(first["results"]))]:
-        if t.startswith("sa[") or t == "dense":
+        if t.startswith("sa["):
             rows.append(S.target_row(t, "fixed", first, t, dense_gflops))
+        elif t == "dense" and visor[0] not in (dense_name, long_name):  # a dense stage listed as `visor`: its one row
+            rows.append(S.target_row(visor[0], "dense", first, t, dense_gflops))
     for v in sm.get("max_acc_drop") or []:
         row = S.target_row(f"{visor[0]} (max_acc_drop={v:g})", "sweep", first, knob_target(v), dense_gflops)
         row["knob"] = float(v)

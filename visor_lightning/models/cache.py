@@ -60,14 +60,15 @@ class VisorCache:
     def store(self, layer: int, batch: int, parts: list[tuple[torch.Tensor, _Capture, torch.Tensor]]) -> None:
         """Assemble one layer's prefill K/V from per-row-group captures (rows, capture, key validity)."""
         s = max(c.k.shape[2] for _, c, _ in parts)
-        k0 = parts[0][1].k
+        k0, v0 = parts[0][1].k, parts[0][1].v
+        # keys and values can differ in dtype (under CPU autocast RoPE returns float32 keys, v_proj bfloat16 values)
         k = k0.new_zeros(batch, k0.shape[1], s, k0.shape[3])
-        v = torch.zeros_like(k)
+        v = v0.new_zeros(batch, v0.shape[1], s, v0.shape[3])
         valid = torch.zeros(batch, s, dtype=torch.bool, device=k0.device)
         for rows, cap, val in parts:
             n = cap.k.shape[2]
-            k[rows, :, :n] = cap.k.detach()
-            v[rows, :, :n] = cap.v.detach()
+            k[rows, :, :n] = cap.k.detach().to(k.dtype)
+            v[rows, :, :n] = cap.v.detach().to(v.dtype)
             valid[rows, :n] = val
         self.k[layer], self.v[layer], self.valid[layer] = k, v, valid
 
