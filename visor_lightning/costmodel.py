@@ -36,10 +36,10 @@ ACT_D = 16
 ACT_M = 4
 # framework ops (torch.profiler's top-level aten ops on the tiny model; tests/test_costmodel.py recounts them at 3, 6 and
 # 9 layers): exact for the dense model and a decode step, VISOR's stream bookkeeping within ~6% of a prefill's total
-LAUNCHES_PREFILL_LAYER = 68  # per host layer in prefill (layers that every row runs as SA share one interleaved pass)
-LAUNCHES_PREFILL_FIXED = 139  # per prefill: embedding, stream split and masks, rotary tables, final norm, head
+LAUNCHES_PREFILL_LAYER = 65  # per host layer in prefill (layers that every row runs as SA share one interleaved pass)
+LAUNCHES_PREFILL_FIXED = 142  # per prefill: embedding, stream split and masks, rotary tables, final norm, head
 LAUNCHES_STREAMS = 70  # per VISOR prefill (a schedule with CA layers): CA masks, moving between the streams and the
-#                        interleaved sequence around SA layers (measured 37-98 over the demo's and tiny configurations)
+#                        interleaved sequence around SA layers (measured 52-113 over the demo's and tiny configurations)
 LAUNCHES_DECODE_LAYER = 62  # per host layer in one decode step (cache append, mask, RoPE, norms, ...)
 LAUNCHES_DECODE_FIXED = 25  # per decode step: embedding, rotary tables, final norm, head
 LAUNCHES_CA = 34  # per CA block call

@@ -73,6 +73,10 @@ class Streams:
         ext = torch.cat([x_full, x_full.new_zeros(x_full.shape[0], 1, x_full.shape[2])], dim=1)
         return ext.gather(1, idx[..., None].expand(-1, -1, x_full.shape[2]))
 
+    def apart(self, x_full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The interleaved [B, N, d] sequence -> its (text, visual) streams."""
+        return Streams.take(x_full, self.text_idx), Streams.take(x_full, self.vis_idx)
+
     @staticmethod
     def merge(text: torch.Tensor, vis: torch.Tensor, text_idx: torch.Tensor, vis_idx: torch.Tensor, n: int) -> torch.Tensor:
         """Streams back into the interleaved [B, N, d] sequence (unused slots land in a dropped extra row)."""
@@ -182,15 +186,22 @@ class VisorLanguageModel(nn.Module):
 
         for l, layer in enumerate(self.layers):
             role = sch.role(l)
-            if full_x is not None and (role != "sa" or l == sch.router_layer or not self._all_rows_sa(active, l)):
-                text, vis = Streams.take(full_x, st.text_idx), Streams.take(full_x, st.vis_idx)
-                full_x = None
             if l == sch.router_layer and active is None:
+                if full_x is not None:
+                    (text, vis), full_x = st.apart(full_x), None
                 policy_logits = policy(text, st.text_valid, vis, st.vis_valid)
                 if policy_only:
                     return LMOutput(None, st, policy_logits.argmax(-1), policy_logits, calls)
                 config_ids = (route or (lambda z: z.argmax(-1)))(policy_logits)
                 active = sch.active_mask(config_ids)
+            if role == "sa":
+                rows_sa = active[:, l] if active is not None else torch.full((b,), l in sch.always_on_sa, device=dev)
+            else:
+                rows_sa = torch.zeros(b, dtype=torch.bool, device=dev)
+            sa_idx = rows_sa.nonzero().flatten()
+            tx_idx = (~rows_sa).nonzero().flatten()
+            if full_x is not None and len(sa_idx) < b:  # the run of layers every row runs as SA ends here
+                (text, vis), full_x = st.apart(full_x), None
             if role == "ca":
                 block = self.ca_blocks[str(l)]
                 k, v = block.visual_kv(vis)
@@ -198,13 +209,7 @@ class VisorLanguageModel(nn.Module):
                 calls[f"{l}:ca"] = calls.get(f"{l}:ca", 0) + 1
                 if cache is not None:
                     cache.ca_kv[l] = (k.detach(), v.detach())
-            if role == "sa":
-                rows_sa = active[:, l] if active is not None else torch.full((b,), l in sch.always_on_sa, device=dev)
-            else:
-                rows_sa = torch.zeros(b, dtype=torch.bool, device=dev)
             parts = []
-            sa_idx = rows_sa.nonzero().flatten()
-            tx_idx = (~rows_sa).nonzero().flatten()
             if len(sa_idx) == b:  # every row: run on the interleaved sequence, split again only when needed
                 cap = _Capture() if cache is not None else None
                 if full_x is None:
@@ -242,11 +247,6 @@ class VisorLanguageModel(nn.Module):
             text = text.gather(1, st.last_text[:, None, None].expand(-1, 1, text.shape[2]))[:, 0]
         logits = self.lm_head(self.norm(text))
         return LMOutput(logits, st, config_ids, policy_logits, calls)
-
-    @staticmethod
-    def _all_rows_sa(active: torch.Tensor | None, layer: int) -> bool:
-        """Whether every row runs ``layer`` as SA (known only once the configurations are: None means not yet)."""
-        return active is not None and bool(active[:, layer].all())
 
     # ---- decode -------------------------------------------------------------------------------------
     @torch.no_grad()
