@@ -53,6 +53,15 @@ def part_of(name: str) -> str:
 POLICY = "policy"  # evaluation target: the policy picks per sample (a router: at its default knob, 0)
 
 
+def image_fingerprints(pixels: torch.Tensor) -> list[str]:
+    """A short hash of the pixels each sample's model input held: evaluation records show which image an answer saw
+    (under the swapped-image control, another one)."""
+    import hashlib
+
+    flat = pixels.detach().cpu().contiguous().numpy()
+    return [hashlib.sha1(flat[i].tobytes()).hexdigest()[:12] for i in range(len(flat))]
+
+
 def is_routed(target: str) -> bool:
     """``policy`` and the router at a knob value, ``policy(max_acc_drop=X)``: the policy decides per sample."""
     return target == POLICY or parse_knob_target(target) is not None
@@ -429,7 +438,9 @@ class VisorLitModule(pl.LightningModule):
         self.flops_mean[k].update(flops)
         if self.sample_records is not None:
             tasks = batch.get("task") or [""] * bs
-            images = self._image_fingerprints(batch["pixel_values"])
+            if "images" not in memo:  # every target of a batch reads the same pixels
+                memo["images"] = image_fingerprints(batch["pixel_values"])
+            images = memo["images"]
             new = [
                 {"set": s, "target": t, "id": batch["id"][i], "subset": batch["subset"][i], "task": tasks[i],
                  "image": images[i], "question": batch["question"][i], "prediction": p,
@@ -444,18 +455,6 @@ class VisorLitModule(pl.LightningModule):
             self.sample_records += new
         if routed:
             self.choice[k].update(chosen)
-
-    def _image_fingerprints(self, pixels: torch.Tensor) -> list[str]:
-        """A short hash of the pixels each sample's model input held, once per batch (every target of a batch reads
-        the same tensor): the records show which image an answer saw, e.g. another one under the swap control."""
-        import hashlib
-
-        memo = getattr(self, "_fingerprint_memo", None)
-        if memo is None or memo[0] is not pixels:
-            flat = pixels.detach().cpu().contiguous().numpy()
-            memo = (pixels, [hashlib.sha1(flat[i].tobytes()).hexdigest()[:12] for i in range(len(flat))])
-            self._fingerprint_memo = memo
-        return memo[1]
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self.validation_step(batch, batch_idx, dataloader_idx)
