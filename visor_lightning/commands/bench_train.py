@@ -70,15 +70,16 @@ def run_train_bench(section, work: Workload, *, batch: int = 1, repeats: int = 2
     key = lambda r: (r["config"], r["mode"])  # noqa: E731
     times: dict[tuple[str, str], list[float]] = {key(r): [] for r in rows}
     first: dict[tuple[str, str], float] = {}
-    for rnd in range(max(1, warmup) + repeats):
+    warm = max(1, warmup) if compile else warmup  # a compiled row's first call compiles: never a timed one
+    for rnd in range(warm + repeats):
         for r in rows:
             t = timer(lambda: step(r))
             first.setdefault(key(r), t)
-            if rnd >= max(1, warmup):
+            if rnd >= warm:
                 times[key(r)].append(t)
         if progress:
-            print(f"[visor bench train] round {rnd + 1}/{max(1, warmup) + repeats} "
-                  f"({'warm-up' if rnd < max(1, warmup) else 'timed'})", flush=True)
+            print(f"[visor bench train] round {rnd + 1}/{warm + repeats} ({'warm-up' if rnd < warm else 'timed'})",
+                  flush=True)
 
     base = statistics.median(times[("dense", "eager")])
     out_rows = []

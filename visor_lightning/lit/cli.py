@@ -23,7 +23,7 @@ from visor_lightning.data.datamodule import VisorDataModule
 
 from .module import VisorLitModule
 from .safety import NonFiniteLossError
-from .tracking import TrackingUnavailable, check_tracking_server, data_fingerprint, open_stage_logger
+from .tracking import METRICS_ENV, TrackingUnavailable, check_tracking_server, data_fingerprint, open_stage_logger
 
 
 def default_precision() -> str:
@@ -236,8 +236,6 @@ def run_cli(args: list[str] | None) -> VisorCLI:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         cli = VisorCLI(args=args)
-        from .tracking import METRICS_ENV
-
         if os.environ.get(METRICS_ENV) and cli.trainer.is_global_zero:
             Path(os.environ[METRICS_ENV]).write_text(json.dumps({k: float(v) for k, v in cli.trainer.callback_metrics.items()}))
         return cli
