@@ -126,7 +126,8 @@ class MlflowArtifacts(pl.Callback):
                 master = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         if not trainer.is_global_zero:
             return
-        extra = {"stage": pl_module.stage, "global_step": trainer.global_step}
+        extra = {"stage": pl_module.stage, "global_step": trainer.global_step,
+                 "trainable_params": sum(p.numel() for p in pl_module.model.parameters() if p.requires_grad)}
         if getattr(pl_module, "search_result", None):
             extra["search"] = pl_module.search_result
         weights = save_weights(pl_module.model, self.root / "weights", extra, state=master)

@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("pipeline", "all stages in order, weights handed over: visor pipeline --config experiments/debug/pipeline.yaml"),
                        ("eval", "accuracy + FLOPs per eval set for every configuration and the policy: visor eval --config X --ckpt C"),
                        ("ask", "one image + one question: the answer, the configuration chosen, its predicted correctness, FLOPs vs dense"),
+                       ("realsize", "the real 0.5B recipe at real shapes on this machine: every stage 2 steps, "
+                                    "bf16-mixed, ZeRO-2, memory vs visor sizing (docs/scale.md)"),
                        ("submit", "one stage as a requeueable Slurm job: visor submit --config X --nodes N --gpus-per-node G"),
                        ("config-reference", "print (or --write) docs/config.md, generated from the typed signatures")):
         sub.add_parser(name, help=text, add_help=False)
@@ -405,6 +407,10 @@ def main(argv: list[str] | None = None) -> int:
         from .commands.config_reference import main as reference_main
 
         return reference_main(argv[1:])
+    if argv and argv[0] == "realsize":
+        from .commands.realsize import realsize_main
+
+        return realsize_main(argv[1:])
     if argv and argv[0] == "submit":
         from .commands.slurm import submit_main
 

@@ -7,6 +7,8 @@ printed with it (docs/scale.md holds the generated table; a test fails when it i
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 from visor_lightning.flops import FlopsModel
 from visor_lightning.models import BackboneSpec, LayerSchedule, ScheduleConfig, VisorModel
@@ -115,3 +117,63 @@ def assumptions() -> dict[str, str | int]:
 
 def assumptions_markdown() -> str:
     return "\n".join(f"- **{k}**: {v}" for k, v in assumptions().items())
+
+
+# ---- one CPU process (or a few), the setup `visor realsize` measures -------------------------------------------
+CPU_ASSUMPTIONS = {
+    "runtime": "0.55 GB per process: Python with torch, Lightning, transformers, DeepSpeed and MLflow imported "
+               "(ru_maxrss after import on the 2-core machine)",
+    "precision": "bf16-mixed on CPU = fp32 parameters under torch.autocast; with DeepSpeed, bf16 parameters and fp32 "
+                 "master weights",
+    "states": "one process: 4P (fp32 parameters) + 4T (gradients) + 8T (AdamW m, v) + 2T (autocast's bf16 copies of "
+              "trained weights, cached over the forward); ZeRO-2 over N ranks, each: 2P (bf16 parameters) + 2T (bf16 "
+              "gradients) + (4 + 8)T / N (fp32 master, AdamW m, v) + its reduce and all-gather buckets",
+    "activations": "as for the GPU table (2 bytes x (7d + 2d_kv + 4m) per token per LLM layer that sees it; SigLIP's "
+                   "only when the vision tower trains), the maximal configuration, plus the logits of every text token "
+                   "(fp32, its bf16 copy and its gradient: 10 bytes x vocabulary)",
+    "load": "the checkpoint read beside the model being built: 2 x 4P at once (one process)",
+}
+RUNTIME_BYTES = 0.55 * 2**30
+
+
+def predict_cpu_stage(weights: str | Path, trainable: int, world: int = 1, images: list[tuple[int, int]] = ((384, 384),),
+                      text_tokens: int = 64, batch: int = 1, bucket: int = 200_000_000) -> dict[str, Any]:
+    """Peak resident memory of one training stage of the model in ``weights`` (a stage's ``weights/``: its
+    ``visor.json`` gives shapes and schedule) on CPU, summed over ``world`` processes: the larger of loading and
+    training (:data:`CPU_ASSUMPTIONS`). ``trainable``: the stage's trained parameter count."""
+    import json
+
+    import torch
+
+    from visor_lightning.lit.weights import schedule_from_dict
+
+    meta = json.loads((Path(weights) / "visor.json").read_text())
+    spec = BackboneSpec.from_dict(meta["backbone"])
+    schedule = schedule_from_dict(meta["schedule"])
+    with torch.device("meta"):
+        model = VisorModel(spec, schedule, host=None, policy_width=meta.get("policy_width", 256))
+    params = sum(p.numel() for p in model.parameters())
+    vision_params = sum(p.numel() for p in model.vision.parameters())
+    # what the backward needs saved: the LLM's activations when anything but the router trains (the loss reaches
+    # CA blocks through the LLM), SigLIP's when the vision tower trains (more than its size trains)
+    lm_trains = trainable > sum(p.numel() for p in model.policy.parameters())
+    vision_trains = trainable > vision_params
+    act = 0.0
+    for h, w in images:  # the maximal configuration: every SA candidate sees the visual tokens
+        nv, crops = spec.visual_tokens(h, w), spec.vision_crops(h, w)
+        a = _activation_bytes(spec, schedule, text_tokens, nv, crops)
+        vis = 2 * (9 * spec.vision.hidden_size + 4 * spec.vision.intermediate_size) * spec.vision.tokens_per_crop \
+            * crops * spec.vision.num_layers
+        act = max(act, (a - vis) * lm_trains + vis * vision_trains)
+    act *= batch
+    logits = 10 * spec.text.vocab_size * text_tokens * batch * lm_trains
+    if world == 1:
+        states = 4 * params + (4 + 8 + 2) * trainable
+        per_rank = RUNTIME_BYTES + max(8 * params, states + act + logits)
+        total = per_rank
+    else:
+        states = 2 * params + 2 * trainable + 12 * trainable / world + 2 * 2 * min(bucket, trainable)
+        per_rank = RUNTIME_BYTES + max(4 * params + 2 * params, states + (act + logits) / world)
+        total = world * per_rank
+    return {"params": params, "trainable": trainable, "world": world, "states_gb": states / 2**30,
+            "activations_gb": (act + logits) / 2**30, "total_gb": total / 2**30}
