@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch is pinned in the same pip call as everything else, so no multi-GB CUDA build is pulled in.
 PINS := torch==2.13.0 mlflow==3.17.2
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean realsize
 
 $(BIN)/visor: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: install
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra tests
+
+# the real 0.5B recipe at real shapes on this machine (~15 min, ~25 GB disk while it runs; docs/scale.md)
+realsize: install
+	HF_HUB_OFFLINE=1 $(BIN)/visor realsize --out runs/realsize
 
 clean:
 	rm -rf runs .pytest_cache

@@ -44,7 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_parsers(sub)
     z = sub.add_parser("sizing", help="step time and GPU memory under ZeRO-2 for LLaVA-OV 0.5B/1.5B/7B on 8-64 GPUs "
                                       "(from the FLOPs model; assumptions printed)")
-    z.add_argument("--json", action="store_true")
+    z.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    z.add_argument("--weights", default=None, metavar="DIR",
+                   help="instead of the GPU table: peak host memory of training the model in this weights/ directory "
+                        "on CPU (the setup `visor realsize` measures; assumptions printed)")
+    z.add_argument("--trainable", type=positive, default=None,
+                   help="with --weights: trained parameters (default: all of them, a full fine-tune)")
+    z.add_argument("--world", type=positive, default=1, help="with --weights: processes (DDP or ZeRO-2 ranks)")
+    z.add_argument("--zero2", action="store_true", help="with --weights: DeepSpeed ZeRO-2 (bf16 parameters)")
+    z.add_argument("--image", default="384x384", metavar="HxW", help="with --weights: image height x width (default 384x384)")
+    z.add_argument("--text-tokens", type=positive, default=64, help="with --weights: text tokens per sample (default 64)")
+    z.add_argument("--batch", type=positive, default=1, help="with --weights: samples per process (default 1)")
 
     u = sub.add_parser("ui", help="serve the MLflow store (runs/mlflow.db or MLFLOW_TRACKING_URI) on 127.0.0.1 only",
                        description="Runs `mlflow server` on the loopback interface; reach it from elsewhere with an "
@@ -335,11 +345,37 @@ def cmd_sizing(args: argparse.Namespace, out: TextIO) -> int:
 
     from .commands.sizing import assumptions, assumptions_markdown, markdown, sizing_rows
 
+    if args.weights:
+        return _cpu_sizing(args, out)
     rows = sizing_rows()
     if args.json:
         emit({"assumptions": assumptions(), "rows": [asdict(r) for r in rows]}, out)
     else:
         print(markdown(rows) + "\n\nAssumptions:\n" + assumptions_markdown())
+    return 0
+
+
+def _cpu_sizing(args: argparse.Namespace, out: TextIO) -> int:
+    from pathlib import Path
+
+    from .commands.sizing import CPU_ASSUMPTIONS, predict_cpu_stage
+
+    try:
+        h, w = (int(x) for x in args.image.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--image {args.image!r}: expected HEIGHTxWIDTH, e.g. 768x1024") from None
+    if not (Path(args.weights) / "visor.json").is_file():
+        raise FileNotFoundError(f"--weights {args.weights}: no visor.json there; point it at a stage's weights/ directory")
+    r = predict_cpu_stage(args.weights, args.trainable, world=args.world, images=[(h, w)], text_tokens=args.text_tokens,
+                          batch=args.batch, zero2=args.zero2)
+    if args.json:
+        emit({"prediction": r, "assumptions": CPU_ASSUMPTIONS}, out)
+        return 0
+    print(f"{args.weights}: {r['params'] / 1e6:.1f}M parameters, {r['trainable'] / 1e6:.1f}M trained, "
+          f"{r['world']} process(es){' ZeRO-2' if r['zero2'] else ''}, {args.batch} x {h}x{w} image + {args.text_tokens} text tokens")
+    print(f"peak host memory {r['total_gb']:.1f} GB = max(loading {r['load_gb']:.1f}, training {r['train_gb']:.1f}); "
+          f"states {r['states_gb']:.1f} GB and activations {r['activations_gb']:.1f} GB per process")
+    print("Assumptions:\n" + "\n".join(f"- **{k}**: {v}" for k, v in CPU_ASSUMPTIONS.items()))
     return 0
 
 

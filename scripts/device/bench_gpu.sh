@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The device check of docs/bench.md, as one script for a lent GPU (run by the `run` tool from the repository root):
 # profile, prefill, decode and train benches in bf16 at the LLaVA-OV 0.5B shapes, JSON into $OUT (default runs/gpu).
-# About 5 minutes on an H100-class GPU. CONFIG, DEVICE and DTYPE override the defaults (CONFIG=experiments/debug/tiny.yaml
+# About 5 minutes on an H100-class GPU, then `visor realsize` (every stage of the real recipe, 2 steps at real shapes;
+# ZeRO-2 on the full fine-tune with one process; REALSIZE=0 skips it). CONFIG, DEVICE and DTYPE override the defaults (CONFIG=experiments/debug/tiny.yaml
 # DEVICE=cpu DTYPE=float32 checks the script itself in about two minutes).
 set -euo pipefail
 OUT="${OUT:-runs/gpu}"
@@ -22,6 +23,13 @@ run decode_b1 decode "${common[@]}" --grid 1x1 --repeats 5
 run decode_b8 decode "${common[@]}" --grid 1x1 --batch 8 --repeats 5
 run decode_b32 decode "${common[@]}" --grid 1x1 --batch 32 --repeats 5
 run train_b1 train "${common[@]}" --grid 1x1 --repeats 3
+if [ "${REALSIZE:-1}" = 1 ]; then
+  echo "== realsize: visor realsize --out $OUT/realsize (ZeRO-2 stage: ${REALSIZE_ZERO2:-stage2_sft})"
+  "$PY" -m visor_lightning realsize --out "$OUT/realsize" --zero2 "${REALSIZE_ZERO2:-stage2_sft}" \
+    --zero2-devices "${REALSIZE_GPUS:-1}" --json > "$OUT/realsize.json" || echo "realsize FAILED: see $OUT/realsize/realsize.log"
+  cp "$OUT/realsize/realsize.md" "$OUT/realsize.md" 2>/dev/null && cat "$OUT/realsize.md"
+  rm -rf "$OUT/realsize/llava-onevision-qwen2-0.5b-ov-random"  # 1.7 GB, rebuilt in 30 s
+fi
 "$PY" - "$OUT" <<'PY'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])

@@ -32,10 +32,13 @@ SMOKE_ARGS = ["--trainer.max_steps", "2", "--trainer.max_epochs", "1", "--data.b
               "--data.num_workers", "0", "--data.shuffle_buffer", "4", "--data.shuffle_initial", "1",
               "--trainer.precision", "bf16-mixed", "--trainer.limit_val_batches", "1",
               "--trainer.num_sanity_val_steps", "0", "--model.init_args.max_new_tokens", "4",
-              "--model.init_args.warmup_steps", "1"]
-STAGE_ARGS = {"universal": ["--model.init_args.search_batches", "1"]}
+              "--model.init_args.warmup_steps", "1", "--trainer.devices", "1"]
+# the universal stage's feasible-set search scores all 2^7 = 128 subsets of the optional SA layers (5.5 min for one
+# sample here) and, on random weights, keeps them all (every score is 0): the smoke run takes the recipe's `counts`
+# set as it stands (8 configurations), so validation and the policy head have the sizes a real search gives
+STAGE_ARGS = {"universal": ["--model.init_args.search", "false"]}
 TRAIN_SIZES = [(288, 384), (384, 288)]  # (height, width) of the training photographs: both AnyRes 1x1 (2 crops)
-ZERO2 = ["--config", "experiments/base/deepspeed_zero2.yaml", "--trainer.devices", "2"]
+ZERO2 = ["--config", "experiments/base/deepspeed_zero2.yaml"]
 
 
 class PeakRSS:
@@ -88,10 +91,16 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink()) if path.exists() else 0
 
 
+def _complete(ckpt: Path) -> bool:
+    """A checkpoint is there in full: a file appears only once written (AtomicCheckpointIO renames it into place); a
+    DeepSpeed checkpoint directory once its ``latest`` tag is written, after every shard."""
+    return ckpt.is_file() or (ckpt / "latest").is_file()
+
+
 def run_fit(argv: list[str], root: Path, env: dict[str, str], log: Path,
             kill_when: Path | None = None) -> dict[str, Any]:
     """``visor fit argv`` as a child process (output to ``log``): seconds, peak memory, exit code and final metrics.
-    ``kill_when``: SIGKILL the whole process group as soon as this file exists (an interrupted run)."""
+    ``kill_when``: SIGKILL the whole process group as soon as this checkpoint is complete (an interrupted run)."""
     from visor_lightning.lit.tracking import METRICS_ENV
 
     metrics_file = root / "final_metrics.json"
@@ -106,7 +115,7 @@ def run_fit(argv: list[str], root: Path, env: dict[str, str], log: Path,
         mem = PeakRSS(proc.pid)
         killed = False
         while proc.poll() is None:
-            if kill_when is not None and kill_when.exists():
+            if kill_when is not None and _complete(kill_when):
                 time.sleep(2)  # let the checkpoint's rename settle; the kill must still land mid-training
                 os.killpg(proc.pid, signal.SIGKILL)
                 killed = True
@@ -114,23 +123,24 @@ def run_fit(argv: list[str], root: Path, env: dict[str, str], log: Path,
                 break
             time.sleep(0.5)
     peak = mem.stop()
+    root.mkdir(parents=True, exist_ok=True)
     (root / "memory_timeline.json").write_text(json.dumps(mem.timeline))
     with open(log, "rb") as f:
         f.seek(offset)
         text = f.read().decode(errors="replace")
     return {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_gb": peak / 2**30, "rc": proc.returncode,
             "killed": killed, "metrics": json.loads(metrics_file.read_text()) if metrics_file.is_file() else {},
-            "step_elapsed": step_elapsed(text)}
+            "step_seconds": step_seconds(text)}
 
 
-def step_elapsed(text: str) -> dict[int, int]:
-    """``{step: elapsed seconds}`` from a run's progress lines (``[stage] step 2/2 | ... | elapsed 0:01:05 | ...``)."""
+def step_seconds(text: str) -> list[int]:
+    """Seconds of each optimizer step of one run, from its progress lines (``[stage] step 2/2 | ... | elapsed
+    0:01:05 | ...``, printed every step here); the first includes the loader's start."""
     import re
 
-    out = {}
-    for m in re.finditer(r"\] step (\d+)/\d+ \|.*?\| elapsed (\d+):(\d+):(\d+)", text):
-        out[int(m[1])] = int(m[2]) * 3600 + int(m[3]) * 60 + int(m[4])
-    return out
+    elapsed = [int(m[1]) * 3600 + int(m[2]) * 60 + int(m[3])
+               for m in re.finditer(r"\] step \d+/\d+ \|.*?\| elapsed (\d+):(\d+):(\d+)", text)]
+    return [b - a for a, b in zip([0, *elapsed], elapsed)]
 
 
 def stage_setup(name: str, root: Path) -> dict[str, Any]:
@@ -145,13 +155,15 @@ def realsize_main(argv: list[str]) -> int:
     p.add_argument("--out", default="runs/realsize", help="working directory (default runs/realsize)")
     p.add_argument("--zero2", default="stage1_ca", help="stages run with DeepSpeed ZeRO-2 over 2 processes "
                    "(comma-separated; default stage1_ca, the one whose two ranks fit 24 GB; '' for none)")
+    p.add_argument("--zero2-devices", type=int, default=2, help="processes of a ZeRO-2 stage (default 2; on a one-GPU "
+                   "machine 1)")
     p.add_argument("--resume", default="stage2_sft", help="the stage killed after its first checkpoint and resumed "
                    "with --ckpt_path last (default stage2_sft; '' for none)")
     p.add_argument("--stages", default=None, help="run only these stages (comma-separated; earlier ones must be done)")
     p.add_argument("--keep", action="store_true", help="keep checkpoints and weights (about 30 GB) when done")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     args = p.parse_args(argv)
-    report = run_realsize(Path(args.out), zero2=[s for s in args.zero2.split(",") if s],
+    report = run_realsize(Path(args.out), zero2=[s for s in args.zero2.split(",") if s], zero2_devices=args.zero2_devices,
                           resume=args.resume or None, only=args.stages.split(",") if args.stages else None,
                           keep=args.keep)
     if args.json:
@@ -196,7 +208,7 @@ def max_text_tokens(ckpt: str) -> int:
 
 
 def run_realsize(out: Path, zero2: list[str], resume: str | None, only: list[str] | None = None,
-                 keep: bool = False) -> dict[str, Any]:
+                 keep: bool = False, zero2_devices: int = 2) -> dict[str, Any]:
     from visor_lightning.commands.args import add_data_build_args
     from visor_lightning.data.build import run_build
 
@@ -230,9 +242,9 @@ def run_realsize(out: Path, zero2: list[str], resume: str | None, only: list[str
         argv = stage_args(st, runs, cfg.get("experiment", "realsize"), done) + SMOKE_ARGS + STAGE_ARGS.get(name, []) + val
         world = 1
         if name in zero2:
-            argv += ZERO2
-            world = 2
-        print(f"== {name}{' (ZeRO-2, 2 processes)' if world > 1 else ''}: visor {' '.join(argv)}", flush=True)
+            world = zero2_devices
+            argv += ZERO2 + ["--trainer.devices", str(world), "--global_batch_size", str(world)]  # 1 sample a rank
+        print(f"== {name}{f' (ZeRO-2, {world} processes)' if name in zero2 else ''}: visor {' '.join(argv)}", flush=True)
         resumed = None
         if name == resume:
             first = run_fit(argv + ["--checkpoint_every_n_steps", "1"], root, env, log,
@@ -241,6 +253,7 @@ def run_realsize(out: Path, zero2: list[str], resume: str | None, only: list[str
             res = run_fit(argv + ["--ckpt_path", "last"], root, env, log)
             resumed = {"first_seconds": first["seconds"], "killed": first["killed"],
                        "resumed_from": _resumed_from(log)}
+            res["step_seconds"] = first["step_seconds"] + res["step_seconds"]
         else:
             res = run_fit(argv, root, env, log)
         row: dict[str, Any] = {"stage": name, "world": world, "seconds": res["seconds"], "rc": res["rc"],
@@ -252,12 +265,18 @@ def run_realsize(out: Path, zero2: list[str], resume: str | None, only: list[str
             print(f"   FAILED: {row['error']}", flush=True)
             break
         row.update(stage_setup(name, root))
-        row["checkpoint_gb"] = round(dir_bytes(root / "checkpoints") / 2**30, 2)
+        src = st.get("from")  # the file the stage started from: the sizing's load term
+        start = runs / src.split(":")[0] / "weights" if src else Path(env_vars["VISOR_LLAVA_OV"])
+        last = root / "checkpoints" / "last.ckpt"  # one full-state checkpoint (a directory under DeepSpeed)
+        row["checkpoint_gb"] = round((dir_bytes(last) if last.is_dir() else last.stat().st_size if last.exists() else 0) / 2**30, 2)
+        row["checkpoints_dir_gb"] = round(dir_bytes(root / "checkpoints") / 2**30, 2)
         row["weights_gb"] = round(dir_bytes(root / "weights") / 2**30, 2)
-        el = res["step_elapsed"]
-        row["first_step_s"], row["second_step_s"] = el.get(1), (el[2] - el[1]) if {1, 2} <= set(el) else None
-        pred = predict_cpu_stage(root / "weights", trainable=row["trainable_params"], world=world,
-                                 images=TRAIN_SIZES, text_tokens=text_tokens)
+        row["step_seconds"] = res["step_seconds"]
+        row["zero2"] = name in zero2
+        if "cuda/max_allocated_gb" in res["metrics"]:
+            row["cuda_peak_gb"] = round(res["metrics"]["cuda/max_allocated_gb"], 2)
+        pred = predict_cpu_stage(root / "weights", trainable=row["trainable_params"], world=world, zero2=row["zero2"],
+                                 images=TRAIN_SIZES, text_tokens=text_tokens, checkpoint_bytes=(start / "model.safetensors").stat().st_size)
         row["predicted_gb"] = round(pred["total_gb"], 2)
         row["prediction"] = pred
         row["ratio"] = round(row["peak_rss_gb"] / row["predicted_gb"], 2)
@@ -320,17 +339,18 @@ def run_eval_smoke(root: Path, cfg: dict[str, Any], env: dict[str, str], log: Pa
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = ["| stage | processes | time s | peak RSS GB | `visor sizing` GB | measured / predicted | checkpoint GB | "
-             "trained params (M) | note |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| stage | processes | stage s | step s | peak RSS GB | `visor sizing` GB | measured / predicted | "
+             "checkpoint GB | trained params (M) | note |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         if "error" in r:
-            lines.append(f"| {r['stage']} | {r['world']} | {r['seconds']:.0f} | {r['peak_rss_gb']:.1f} | | | | | {r['error']} |")
+            lines.append(f"| {r['stage']} | {r['world']} | {r['seconds']:.0f} | | {r['peak_rss_gb']:.1f} | | | | | {r['error']} |")
             continue
         note = ""
         if r.get("resume"):
             note = (f"killed after step 1 ({r['resume']['first_seconds']:.0f} s), resumed from "
                     f"{Path(r['resume']['resumed_from'] or '?').name}")
-        lines.append(f"| {r['stage']} | {r['world']} | {r['seconds']:.0f} | {r['peak_rss_gb']:.1f} | {r['predicted_gb']:.1f} | "
+        steps = " / ".join(str(x) for x in r.get("step_seconds") or []) or "-"
+        lines.append(f"| {r['stage']} | {r['world']} | {r['seconds']:.0f} | {steps} | {r['peak_rss_gb']:.1f} | {r['predicted_gb']:.1f} | "
                      f"{r['ratio']:.2f} | {r['checkpoint_gb']:.1f} | {r['trainable_params'] / 1e6:.1f} | {note} |")
     e = report.get("eval")
     if e:

@@ -131,16 +131,22 @@ CPU_ASSUMPTIONS = {
     "activations": "as for the GPU table (2 bytes x (7d + 2d_kv + 4m) per token per LLM layer that sees it; SigLIP's "
                    "only when the vision tower trains), the maximal configuration, plus the logits of every text token "
                    "(fp32, its bf16 copy and its gradient: 10 bytes x vocabulary)",
-    "load": "the checkpoint read beside the model being built: 2 x 4P at once (one process)",
+    "load": "per process: the model built in fp32 (4P) with the checkpoint it starts from read beside it (its file "
+            "size: 2P for a released bf16 LLaVA-OV directory, 4P for a stage's fp32 weights)",
+    "hand-over": "the weights are written straight from memory (no copy); under ZeRO-2, rank zero first gathers the "
+                 "fp32 master shards into one state dict (4P) beside every rank's training state",
 }
 RUNTIME_BYTES = 0.55 * 2**30
 
 
-def predict_cpu_stage(weights: str | Path, trainable: int, world: int = 1, images: list[tuple[int, int]] = ((384, 384),),
-                      text_tokens: int = 64, batch: int = 1, bucket: int = 200_000_000) -> dict[str, Any]:
+def predict_cpu_stage(weights: str | Path, trainable: int | None, world: int = 1, images: list[tuple[int, int]] = ((384, 384),),
+                      text_tokens: int = 64, batch: int = 1, zero2: bool = False, checkpoint_bytes: int | None = None,
+                      bucket: int = 200_000_000) -> dict[str, Any]:
     """Peak resident memory of one training stage of the model in ``weights`` (a stage's ``weights/``: its
-    ``visor.json`` gives shapes and schedule) on CPU, summed over ``world`` processes: the larger of loading and
-    training (:data:`CPU_ASSUMPTIONS`). ``trainable``: the stage's trained parameter count."""
+    ``visor.json`` gives shapes and schedule) on CPU, summed over ``world`` processes (DDP, or DeepSpeed ZeRO-2 with
+    ``zero2``), ``batch`` samples of the largest of ``images`` each: the larger of loading and training
+    (:data:`CPU_ASSUMPTIONS`). ``trainable``: the stage's trained parameter count; ``checkpoint_bytes``: the size of
+    the file the stage starts from (default: fp32 weights, 4P). ``trainable`` None: every parameter trains."""
     import json
 
     import torch
@@ -153,6 +159,7 @@ def predict_cpu_stage(weights: str | Path, trainable: int, world: int = 1, image
     with torch.device("meta"):
         model = VisorModel(spec, schedule, host=None, policy_width=meta.get("policy_width", 256))
     params = sum(p.numel() for p in model.parameters())
+    trainable = params if trainable is None else trainable  # a full fine-tune
     vision_params = sum(p.numel() for p in model.vision.parameters())
     # what the backward needs saved: the LLM's activations when anything but the router trains (the loss reaches
     # CA blocks through the LLM), SigLIP's when the vision tower trains (more than its size trains)
@@ -167,13 +174,15 @@ def predict_cpu_stage(weights: str | Path, trainable: int, world: int = 1, image
         act = max(act, (a - vis) * lm_trains + vis * vision_trains)
     act *= batch
     logits = 10 * spec.text.vocab_size * text_tokens * batch * lm_trains
-    if world == 1:
+    if not zero2:
         states = 4 * params + (4 + 8 + 2) * trainable
-        per_rank = RUNTIME_BYTES + max(8 * params, states + act + logits)
-        total = per_rank
     else:
         states = 2 * params + 2 * trainable + 12 * trainable / world + 2 * 2 * min(bucket, trainable)
-        per_rank = RUNTIME_BYTES + max(4 * params + 2 * params, states + (act + logits) / world)
-        total = world * per_rank
-    return {"params": params, "trainable": trainable, "world": world, "states_gb": states / 2**30,
-            "activations_gb": (act + logits) / 2**30, "total_gb": total / 2**30}
+    load = 4 * params + (4 * params if checkpoint_bytes is None else checkpoint_bytes)
+    train = world * (RUNTIME_BYTES + states + act + logits)  # each rank: its own micro-batch
+    if zero2:  # rank zero gathers every rank's fp32 master shard into one state dict for the hand-over weights
+        train += 4 * params
+    total = max(world * (RUNTIME_BYTES + load), train)
+    return {"params": params, "trainable": trainable, "world": world, "zero2": zero2, "states_gb": states / 2**30,
+            "activations_gb": (act + logits) / 2**30, "load_gb": world * (RUNTIME_BYTES + load) / 2**30,
+            "train_gb": train / 2**30, "total_gb": total / 2**30}

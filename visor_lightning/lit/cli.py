@@ -237,7 +237,10 @@ def run_cli(args: list[str] | None) -> VisorCLI:
     try:
         cli = VisorCLI(args=args)
         if os.environ.get(METRICS_ENV) and cli.trainer.is_global_zero:
-            Path(os.environ[METRICS_ENV]).write_text(json.dumps({k: float(v) for k, v in cli.trainer.callback_metrics.items()}))
+            final = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+            if torch.cuda.is_available():  # `visor realsize` on a GPU: device memory beside the host's
+                final["cuda/max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            Path(os.environ[METRICS_ENV]).write_text(json.dumps(final))
         return cli
     except (TrackingUnavailable, NonFiniteLossError) as e:
         if args is not None:
