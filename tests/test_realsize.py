@@ -155,3 +155,40 @@ def test_visor_sizing_describes_a_cpu_stage(tiny_dir, tmp_path, capsys):
     assert got["trainable"] == got["params"] == sum(p.numel() for p in model.parameters())
     assert main(["sizing", "--weights", str(tmp_path)]) == 2
     assert "no visor.json there" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_runner_end_to_end_at_tiny_width(tmp_path, monkeypatch):
+    """`visor realsize` as the real run takes it, on a 3-layer model with Qwen2's vocabulary: the CA stage under
+    ZeRO-2 over 2 processes, the full fine-tune killed (SIGKILL, every rank) after its step-1 checkpoint and resumed
+    from it, the universal and policy stages, `visor eval` on the 8 dev samples, the checkpoints deleted."""
+    from omegaconf import OmegaConf
+
+    from visor_lightning.commands.realsize import realsize_main
+
+    cfg = OmegaConf.load(ROOT / "experiments/llava_ov_0.5b/model.yaml")
+    cfg.model.backbone.text.update(hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=64)
+    cfg.model.backbone.vision.update(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    cfg.model.schedule = {"num_ca": 1, "num_sa": 2}
+    OmegaConf.save(cfg, tmp_path / "model.yaml")
+    monkeypatch.chdir(ROOT)
+    for var in ("VISOR_DATA", "VISOR_OUT", "VISOR_LLAVA_OV", "VISOR_RUNS_ROOT", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(var, raising=False)
+    out = tmp_path / "rs"
+    code = realsize_main(["--out", str(out), "--model-config", str(tmp_path / "model.yaml"),
+                          "--schedule", '{"num_ca": 1, "num_sa": 2, "feasible": "counts"}', "--json"])
+    report = json.loads((out / "realsize.json").read_text())
+    assert code == 0 and report["ok"], (out / "realsize.log").read_text()[-4000:]
+    rows = {r["stage"]: r for r in report["rows"]}
+    assert list(rows) == ["stage1_ca", "stage2_sft", "universal", "policy"]
+    assert rows["stage1_ca"]["world"] == 2 and rows["stage1_ca"]["zero2"]
+    assert all(r["global_step"] == 2 and len(r["step_seconds"]) == 2 for r in rows.values())
+    resume = rows["stage2_sft"]["resume"]
+    assert resume["killed"] and resume["resumed_from"].endswith(("step=1.ckpt", "last.ckpt"))
+    assert resume["steps_before_kill"] == resume["steps_after"] == 1  # killed after step 1; step 2 only after resume
+    trained = {k: r["trainable_params"] for k, r in rows.items()}  # CA blocks + conv; all; all; the router
+    assert trained["stage2_sft"] == trained["universal"] > trained["stage1_ca"] + trained["policy"]
+    assert all(r["checkpoint_gb"] > 0 and r["predicted_gb"] > 0 for r in rows.values())
+    assert report["eval"]["rc"] == 0 and set(report["eval"]["samples"].values()) == {8}
+    assert not list((out / "runs").rglob("*.ckpt")) and not list((out / "runs").rglob("model.safetensors"))
+    assert "| stage2_sft | 1 |" in (out / "realsize.md").read_text()

@@ -39,6 +39,7 @@ SMOKE_ARGS = ["--trainer.max_steps", "2", "--trainer.max_epochs", "1", "--data.b
 STAGE_ARGS = {"universal": ["--model.init_args.search", "false"]}
 TRAIN_SIZES = [(288, 384), (384, 288)]  # (height, width) of the training photographs: both AnyRes 1x1 (2 crops)
 ZERO2 = ["--config", "experiments/base/deepspeed_zero2.yaml"]
+KILL_DRILL = "visor_lightning.callbacks.drills.KillAfterStep"  # SIGKILL (every rank) as step 2 starts
 
 
 class PeakRSS:
@@ -91,16 +92,9 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink()) if path.exists() else 0
 
 
-def _complete(ckpt: Path) -> bool:
-    """A checkpoint is there in full: a file appears only once written (AtomicCheckpointIO renames it into place); a
-    DeepSpeed checkpoint directory once its ``latest`` tag is written, after every shard."""
-    return ckpt.is_file() or (ckpt / "latest").is_file()
-
-
-def run_fit(argv: list[str], root: Path, env: dict[str, str], log: Path,
-            kill_when: Path | None = None) -> dict[str, Any]:
-    """``visor fit argv`` as a child process (output to ``log``): seconds, peak memory, exit code and final metrics.
-    ``kill_when``: SIGKILL the whole process group as soon as this checkpoint is complete (an interrupted run)."""
+def run_fit(argv: list[str], root: Path, env: dict[str, str], log: Path) -> dict[str, Any]:
+    """``visor fit argv`` as a child process in its own process group (output to ``log``): seconds, peak memory,
+    exit code, final metrics and each step's seconds."""
     from visor_lightning.lit.tracking import METRICS_ENV
 
     metrics_file = root / "final_metrics.json"
@@ -113,15 +107,7 @@ def run_fit(argv: list[str], root: Path, env: dict[str, str], log: Path,
         proc = subprocess.Popen([sys.executable, "-m", "visor_lightning", *argv], stdout=f, stderr=subprocess.STDOUT,
                                 env={**env, METRICS_ENV: str(metrics_file)}, start_new_session=True)
         mem = PeakRSS(proc.pid)
-        killed = False
-        while proc.poll() is None:
-            if kill_when is not None and _complete(kill_when):
-                time.sleep(2)  # let the checkpoint's rename settle; the kill must still land mid-training
-                os.killpg(proc.pid, signal.SIGKILL)
-                killed = True
-                proc.wait()
-                break
-            time.sleep(0.5)
+        proc.wait()
     peak = mem.stop()
     root.mkdir(parents=True, exist_ok=True)
     (root / "memory_timeline.json").write_text(json.dumps(mem.timeline))
@@ -129,7 +115,8 @@ def run_fit(argv: list[str], root: Path, env: dict[str, str], log: Path,
         f.seek(offset)
         text = f.read().decode(errors="replace")
     return {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_gb": peak / 2**30, "rc": proc.returncode,
-            "killed": killed, "metrics": json.loads(metrics_file.read_text()) if metrics_file.is_file() else {},
+            "killed": proc.returncode == -signal.SIGKILL,
+            "metrics": json.loads(metrics_file.read_text()) if metrics_file.is_file() else {},
             "step_seconds": step_seconds(text)}
 
 
@@ -161,11 +148,15 @@ def realsize_main(argv: list[str]) -> int:
                    "with --ckpt_path last (default stage2_sft; '' for none)")
     p.add_argument("--stages", default=None, help="run only these stages (comma-separated; earlier ones must be done)")
     p.add_argument("--keep", action="store_true", help="keep checkpoints and weights (about 30 GB) when done")
+    p.add_argument("--model-config", default=MODEL, help=f"the shapes of the random checkpoint (default {MODEL})")
+    p.add_argument("--schedule", default=None, metavar="JSON",
+                   help="replace the layer schedule of the stage configs that set one, e.g. '{\"num_ca\": 1, "
+                        "\"num_sa\": 2}' for a model shallower than 24 layers (the tests run the runner that way)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     args = p.parse_args(argv)
     report = run_realsize(Path(args.out), zero2=[s for s in args.zero2.split(",") if s], zero2_devices=args.zero2_devices,
                           resume=args.resume or None, only=args.stages.split(",") if args.stages else None,
-                          keep=args.keep)
+                          keep=args.keep, model_config=args.model_config, schedule=args.schedule)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -173,14 +164,21 @@ def realsize_main(argv: list[str]) -> int:
     return 0 if report["ok"] else 1
 
 
-def prepare(out: Path) -> dict[str, str]:
+def prepare(out: Path, model_config: str = MODEL) -> dict[str, str]:
     """The random checkpoint and the parquet fixture (kept between runs), and the environment the pipeline reads."""
+    import hashlib
+
     from .realsize_fixtures import FIXTURE_SIZES, write_parquet_fixture, write_random_checkpoint
 
     ckpt = out / "llava-onevision-qwen2-0.5b-ov-random"
-    if not (ckpt / "model.safetensors").is_file():
-        print(f"realsize: writing a random-weight LLaVA-OneVision 0.5B directory -> {ckpt}", flush=True)
-        info = write_random_checkpoint(MODEL, ckpt)
+    source = hashlib.sha256(Path(model_config).read_bytes()).hexdigest()  # rewritten when the shapes change
+    marker = ckpt / "realsize_source.txt"
+    if not (ckpt / "model.safetensors").is_file() or not marker.is_file() or marker.read_text() != source:
+        print(f"realsize: writing a random-weight LLaVA-OneVision directory at the shapes of {model_config} -> {ckpt}",
+              flush=True)
+        shutil.rmtree(ckpt, ignore_errors=True)
+        info = write_random_checkpoint(model_config, ckpt)
+        marker.write_text(source)
         print(f"realsize: {info['params']:,} parameters, {info['bytes'] / 2**30:.2f} GiB on disk", flush=True)
     parquet = out / "parquet"
     # training rows at the 1x1 grid (the step's shapes are then known: the sizing prediction uses them); the dev rows
@@ -208,7 +206,8 @@ def max_text_tokens(ckpt: str) -> int:
 
 
 def run_realsize(out: Path, zero2: list[str], resume: str | None, only: list[str] | None = None,
-                 keep: bool = False, zero2_devices: int = 2) -> dict[str, Any]:
+                 keep: bool = False, zero2_devices: int = 2, model_config: str = MODEL,
+                 schedule: str | None = None) -> dict[str, Any]:
     from visor_lightning.commands.args import add_data_build_args
     from visor_lightning.data.build import run_build
 
@@ -217,7 +216,7 @@ def run_realsize(out: Path, zero2: list[str], resume: str | None, only: list[str
 
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
-    env_vars = prepare(out)
+    env_vars = prepare(out, model_config)
     os.environ.update(env_vars)
     env = dict(os.environ)
     cfg = load_pipeline(PIPELINE)
@@ -240,6 +239,8 @@ def run_realsize(out: Path, zero2: list[str], resume: str | None, only: list[str
         if root.exists():
             shutil.rmtree(root)
         argv = stage_args(st, runs, cfg.get("experiment", "realsize"), done) + SMOKE_ARGS + STAGE_ARGS.get(name, []) + val
+        if schedule and "schedule:" in Path(st["config"]).read_text():
+            argv += ["--model.init_args.schedule", schedule]
         world = 1
         if name in zero2:
             world = zero2_devices
@@ -247,19 +248,26 @@ def run_realsize(out: Path, zero2: list[str], resume: str | None, only: list[str
         print(f"== {name}{f' (ZeRO-2, {world} processes)' if name in zero2 else ''}: visor {' '.join(argv)}", flush=True)
         resumed = None
         if name == resume:
-            first = run_fit(argv + ["--checkpoint_every_n_steps", "1"], root, env, log,
-                            kill_when=root / "checkpoints" / "step=1.ckpt")
-            print(f"   killed after its first checkpoint ({first['seconds']:.0f} s, rc {first['rc']}); resuming", flush=True)
+            drill = ["--checkpoint_every_n_steps", "1", "--trainer.callbacks+=" + KILL_DRILL]
+            first = run_fit(argv + drill, root, env, log)
+            print(f"   killed after its step-1 checkpoint ({first['seconds']:.0f} s, rc {first['rc']}); resuming",
+                  flush=True)
             res = run_fit(argv + ["--ckpt_path", "last"], root, env, log)
-            resumed = {"first_seconds": first["seconds"], "killed": first["killed"],
-                       "resumed_from": _resumed_from(log)}
+            resumed = {"first_seconds": first["seconds"], "killed": first["killed"], "resumed_from": _resumed_from(log),
+                       "steps_before_kill": len(first["step_seconds"]), "steps_after": len(res["step_seconds"])}
             res["step_seconds"] = first["step_seconds"] + res["step_seconds"]
         else:
             res = run_fit(argv, root, env, log)
         row: dict[str, Any] = {"stage": name, "world": world, "seconds": res["seconds"], "rc": res["rc"],
                                "peak_rss_gb": round(res["peak_rss_gb"], 2), "resume": resumed}
+        problem = None
         if res["rc"] != 0 or not (root / "weights" / "visor.json").is_file():
-            row["error"] = f"exited with {res['rc']}; see {log}"
+            problem = f"exited with {res['rc']}; see {log}"
+        elif resumed and not (resumed["killed"] and resumed["resumed_from"] and resumed["steps_before_kill"] == 1
+                              and resumed["steps_after"] == 1 and stage_setup(name, root)["global_step"] == 2):
+            problem = f"the kill and resume did not happen as planned ({resumed}); see {log}"
+        if problem:
+            row["error"] = problem
             rows.append(row)
             ok = False
             print(f"   FAILED: {row['error']}", flush=True)
@@ -268,7 +276,8 @@ def run_realsize(out: Path, zero2: list[str], resume: str | None, only: list[str
         src = st.get("from")  # the file the stage started from: the sizing's load term
         start = runs / src.split(":")[0] / "weights" if src else Path(env_vars["VISOR_LLAVA_OV"])
         last = root / "checkpoints" / "last.ckpt"  # one full-state checkpoint (a directory under DeepSpeed)
-        row["checkpoint_gb"] = round((dir_bytes(last) if last.is_dir() else last.stat().st_size if last.exists() else 0) / 2**30, 2)
+        size = dir_bytes(last) if last.is_dir() else last.stat().st_size if last.exists() else 0
+        row["checkpoint_gb"] = round(size / 2**30, 2)
         row["checkpoints_dir_gb"] = round(dir_bytes(root / "checkpoints") / 2**30, 2)
         row["weights_gb"] = round(dir_bytes(root / "weights") / 2**30, 2)
         row["step_seconds"] = res["step_seconds"]
@@ -309,10 +318,10 @@ def _resumed_from(log: Path) -> str | None:
 def run_eval_smoke(root: Path, cfg: dict[str, Any], env: dict[str, str], log: Path, val: list[str]) -> dict[str, Any]:
     """``visor eval`` of the policy stage's weights on the 8 dev samples: the cheapest and the maximal configuration
     and the policy (every configuration would be 8 prefills a sample)."""
-    from visor_lightning.config import load_model_section
+    from visor_lightning.lit.weights import read_config, schedule_from_dict
 
     config = next(st["config"] for st in cfg["stages"] if st["name"] == "policy")
-    names = load_model_section(config).schedule.names
+    names = schedule_from_dict(read_config(root / "weights")["schedule"]).names
     targets = f"{names[0]},{names[-1]},policy"
     argv = ["eval", "--config", config, "--ckpt", str(root / "weights"), "--configs", targets, "--no-swap",
             "--out", str(root / "eval"), "--", *val, "--data.eval_batch_size", "4", "--data.num_workers", "0",
@@ -347,8 +356,8 @@ def markdown(report: dict[str, Any]) -> str:
             continue
         note = ""
         if r.get("resume"):
-            note = (f"killed after step 1 ({r['resume']['first_seconds']:.0f} s), resumed from "
-                    f"{Path(r['resume']['resumed_from'] or '?').name}")
+            note = (f"killed after step 1 ({r['resume']['first_seconds']:.0f} s), resumed from its "
+                    f"{Path(r['resume']['resumed_from'] or '?').name}, trained step 2")
         steps = " / ".join(str(x) for x in r.get("step_seconds") or []) or "-"
         lines.append(f"| {r['stage']} | {r['world']} | {r['seconds']:.0f} | {steps} | {r['peak_rss_gb']:.1f} | {r['predicted_gb']:.1f} | "
                      f"{r['ratio']:.2f} | {r['checkpoint_gb']:.1f} | {r['trainable_params'] / 1e6:.1f} | {note} |")
