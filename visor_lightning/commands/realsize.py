@@ -92,32 +92,40 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink()) if path.exists() else 0
 
 
-def run_fit(argv: list[str], root: Path, env: dict[str, str], log: Path) -> dict[str, Any]:
-    """``visor fit argv`` as a child process in its own process group (output to ``log``): seconds, peak memory,
-    exit code, final metrics and each step's seconds."""
-    from visor_lightning.lit.tracking import METRICS_ENV
-
-    metrics_file = root / "final_metrics.json"
-    metrics_file.unlink(missing_ok=True)
+def run_child(argv: list[str], env: dict[str, str], log: Path) -> dict[str, Any]:
+    """``visor argv`` as a child process in its own process group, its output appended to ``log``: exit code,
+    seconds, peak resident memory of its process tree (and the sampled timeline), and its output."""
     offset = log.stat().st_size if log.exists() else 0
     t0 = time.perf_counter()
     with open(log, "ab") as f:
         f.write(f"\n$ visor {' '.join(argv)}\n".encode())
         f.flush()
         proc = subprocess.Popen([sys.executable, "-m", "visor_lightning", *argv], stdout=f, stderr=subprocess.STDOUT,
-                                env={**env, METRICS_ENV: str(metrics_file)}, start_new_session=True)
+                                env=env, start_new_session=True)
         mem = PeakRSS(proc.pid)
         proc.wait()
     peak = mem.stop()
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "memory_timeline.json").write_text(json.dumps(mem.timeline))
     with open(log, "rb") as f:
         f.seek(offset)
         text = f.read().decode(errors="replace")
-    return {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_gb": peak / 2**30, "rc": proc.returncode,
-            "killed": proc.returncode == -signal.SIGKILL,
-            "metrics": json.loads(metrics_file.read_text()) if metrics_file.is_file() else {},
-            "step_seconds": step_seconds(text)}
+    return {"rc": proc.returncode, "seconds": round(time.perf_counter() - t0, 1), "peak_rss_gb": peak / 2**30,
+            "timeline": mem.timeline, "text": text}
+
+
+def run_fit(argv: list[str], root: Path, env: dict[str, str], log: Path) -> dict[str, Any]:
+    """``visor fit argv`` (:func:`run_child`) with its final metrics and each step's seconds; the memory timeline
+    goes to ``root/memory_timeline.json``."""
+    from visor_lightning.lit.tracking import METRICS_ENV
+
+    metrics_file = root / "final_metrics.json"
+    metrics_file.unlink(missing_ok=True)
+    res = run_child(argv, {**env, METRICS_ENV: str(metrics_file)}, log)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "memory_timeline.json").write_text(json.dumps(res.pop("timeline")))
+    res["killed"] = res["rc"] == -signal.SIGKILL
+    res["metrics"] = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    res["step_seconds"] = step_seconds(res.pop("text"))
+    return res
 
 
 def step_seconds(text: str) -> list[int]:
@@ -212,7 +220,6 @@ def run_realsize(out: Path, zero2: list[str], resume: str | None, only: list[str
     from visor_lightning.data.build import run_build
 
     from .pipeline import build_data, load_pipeline, stage_args
-    from .sizing import predict_cpu_stage
 
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
@@ -272,23 +279,10 @@ def run_realsize(out: Path, zero2: list[str], resume: str | None, only: list[str
             ok = False
             print(f"   FAILED: {row['error']}", flush=True)
             break
-        row.update(stage_setup(name, root))
         src = st.get("from")  # the file the stage started from: the sizing's load term
         start = runs / src.split(":")[0] / "weights" if src else Path(env_vars["VISOR_LLAVA_OV"])
-        last = root / "checkpoints" / "last.ckpt"  # one full-state checkpoint (a directory under DeepSpeed)
-        size = dir_bytes(last) if last.is_dir() else last.stat().st_size if last.exists() else 0
-        row["checkpoint_gb"] = round(size / 2**30, 2)
-        row["checkpoints_dir_gb"] = round(dir_bytes(root / "checkpoints") / 2**30, 2)
-        row["weights_gb"] = round(dir_bytes(root / "weights") / 2**30, 2)
-        row["step_seconds"] = res["step_seconds"]
-        row["zero2"] = name in zero2
-        if "cuda/max_allocated_gb" in res["metrics"]:
-            row["cuda_peak_gb"] = round(res["metrics"]["cuda/max_allocated_gb"], 2)
-        pred = predict_cpu_stage(root / "weights", trainable=row["trainable_params"], world=world, zero2=row["zero2"],
-                                 images=TRAIN_SIZES, text_tokens=text_tokens, checkpoint_bytes=(start / "model.safetensors").stat().st_size)
-        row["predicted_gb"] = round(pred["total_gb"], 2)
-        row["prediction"] = pred
-        row["ratio"] = round(row["peak_rss_gb"] / row["predicted_gb"], 2)
+        row.update(measure_stage(name, root, res, start / "model.safetensors", world, zero2=name in zero2,
+                                 text_tokens=text_tokens))
         rows.append(row)
         done[name] = root
         shutil.rmtree(root / "checkpoints", ignore_errors=True)  # full state: measured, not needed for hand-over
@@ -310,6 +304,26 @@ def run_realsize(out: Path, zero2: list[str], resume: str | None, only: list[str
     return report
 
 
+def measure_stage(name: str, root: Path, res: dict[str, Any], started_from: Path, world: int, zero2: bool,
+                  text_tokens: int) -> dict[str, Any]:
+    """A finished stage's row: steps, trained parameters, one full-state checkpoint's size (a directory under
+    DeepSpeed), step seconds, and ``visor sizing``'s prediction for the same setup beside the measured peak."""
+    from .sizing import predict_cpu_stage
+
+    row = stage_setup(name, root)
+    last = root / "checkpoints" / "last.ckpt"
+    size = dir_bytes(last) if last.is_dir() else last.stat().st_size if last.exists() else 0
+    row.update(checkpoint_gb=round(size / 2**30, 2), checkpoints_dir_gb=round(dir_bytes(root / "checkpoints") / 2**30, 2),
+               weights_gb=round(dir_bytes(root / "weights") / 2**30, 2), step_seconds=res["step_seconds"], zero2=zero2)
+    if "cuda/max_allocated_gb" in res["metrics"]:
+        row["cuda_peak_gb"] = round(res["metrics"]["cuda/max_allocated_gb"], 2)
+    pred = predict_cpu_stage(root / "weights", trainable=row["trainable_params"], world=world, zero2=zero2,
+                             images=TRAIN_SIZES, text_tokens=text_tokens, checkpoint_bytes=started_from.stat().st_size)
+    row.update(predicted_gb=round(pred["total_gb"], 2), prediction=pred,
+               ratio=round(res["peak_rss_gb"] / pred["total_gb"], 2))
+    return row
+
+
 def _resumed_from(log: Path) -> str | None:
     lines = [ln for ln in log.read_text(errors="replace").splitlines() if "--ckpt_path last: resuming from" in ln]
     return lines[-1].split("resuming from", 1)[1].strip() if lines else None
@@ -327,16 +341,9 @@ def run_eval_smoke(root: Path, cfg: dict[str, Any], env: dict[str, str], log: Pa
             "--out", str(root / "eval"), "--", *val, "--data.eval_batch_size", "4", "--data.num_workers", "0",
             "--trainer.precision", "bf16-mixed", "--model.init_args.max_new_tokens", "4"]
     print(f"== eval: visor {' '.join(argv)}", flush=True)
-    t0 = time.perf_counter()
-    with open(log, "ab") as f:
-        f.write(f"\n$ visor {' '.join(argv)}\n".encode())
-        f.flush()
-        proc = subprocess.Popen([sys.executable, "-m", "visor_lightning", *argv], stdout=f, stderr=subprocess.STDOUT,
-                                env=env)
-        mem = PeakRSS(proc.pid)
-        rc = proc.wait()
-    peak = mem.stop()
-    res: dict[str, Any] = {"rc": rc, "seconds": round(time.perf_counter() - t0, 1), "peak_rss_gb": round(peak / 2**30, 2),
+    child = run_child(argv, env, log)
+    rc = child["rc"]
+    res: dict[str, Any] = {"rc": rc, "seconds": child["seconds"], "peak_rss_gb": round(child["peak_rss_gb"], 2),
                            "targets": targets}
     doc = root / "eval" / "eval.json"
     if rc == 0 and doc.is_file():
@@ -352,15 +359,17 @@ def markdown(report: dict[str, Any]) -> str:
              "checkpoint GB | trained params (M) | note |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         if "error" in r:
-            lines.append(f"| {r['stage']} | {r['world']} | {r['seconds']:.0f} | | {r['peak_rss_gb']:.1f} | | | | | {r['error']} |")
+            lines.append(f"| {r['stage']} | {r['world']} | {r['seconds']:.0f} | | {r['peak_rss_gb']:.1f} | | | | | "
+                         f"{r['error']} |")
             continue
         note = ""
         if r.get("resume"):
             note = (f"killed after step 1 ({r['resume']['first_seconds']:.0f} s), resumed from its "
                     f"{Path(r['resume']['resumed_from'] or '?').name}, trained step 2")
         steps = " / ".join(str(x) for x in r.get("step_seconds") or []) or "-"
-        lines.append(f"| {r['stage']} | {r['world']} | {r['seconds']:.0f} | {steps} | {r['peak_rss_gb']:.1f} | {r['predicted_gb']:.1f} | "
-                     f"{r['ratio']:.2f} | {r['checkpoint_gb']:.1f} | {r['trainable_params'] / 1e6:.1f} | {note} |")
+        lines.append(f"| {r['stage']} | {r['world']} | {r['seconds']:.0f} | {steps} | {r['peak_rss_gb']:.1f} | "
+                     f"{r['predicted_gb']:.1f} | {r['ratio']:.2f} | {r['checkpoint_gb']:.1f} | "
+                     f"{r['trainable_params'] / 1e6:.1f} | {note} |")
     e = report.get("eval")
     if e:
         lines.append(f"\n`visor eval` ({e['targets']}) on 8 dev samples: {e['seconds']:.0f} s, peak {e['peak_rss_gb']:.1f} GB, "
