@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch is pinned in the same pip call as everything else, so no multi-GB CUDA build is pulled in.
 PINS := torch==2.13.0 mlflow==3.17.2
 
-.PHONY: demo test install clean realsize
+.PHONY: demo test install clean clean-all realsize
 
 $(BIN)/visor: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,5 +28,10 @@ test: install
 realsize: install
 	HF_HUB_OFFLINE=1 $(BIN)/visor realsize --out runs/realsize
 
+# run directories and caches go; the MLflow store (runs/mlflow.db and runs/mlartifacts) stays: `make clean-all` for both
 clean:
+	find runs -mindepth 1 -maxdepth 1 ! -name mlflow.db ! -name mlartifacts -exec rm -rf {} + 2>/dev/null || true
+	rm -rf .pytest_cache
+
+clean-all:
 	rm -rf runs .pytest_cache

@@ -44,7 +44,7 @@ def test_nan_loss_stops_at_that_step_naming_samples_and_checkpoint(tiny_pipeline
     done = _fit(tiny_pipeline, tmp_path, f"--trainer.callbacks+={drill}", steps=8)
     assert done.returncode == 2, done.stderr[-3000:]
     err = done.stderr
-    assert f"visor: error: train loss is nan at global step {at} (rank 0; batch sample ids: " in err, err[-3000:]
+    assert f"visor fit: error: train loss is nan at global step {at} (rank 0; batch sample ids: " in err, err[-3000:]
     assert "resume with --ckpt_path last" in err
     ids = err.split("batch sample ids: ")[1].split(")")[0].split(", ")
     assert len(ids) == 2 and all(i and i != "unknown" for i in ids)
@@ -211,3 +211,18 @@ def test_metrics_kept_while_the_server_is_down_are_written_and_synced(tmp_path, 
     assert sorted((m.step, round(m.value, 3)) for m in history) == [(0, 1.0), (1, 0.5), (2, 0.333)]
     assert not (tmp_path / "mlflow_unsent.jsonl").exists() and (tmp_path / "mlflow_unsent.jsonl.sent").exists()
     assert main(["mlflow-sync", str(tmp_path)]) == 2  # nothing left: a clear error, not a silent no-op
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--global_batch_size", "3"], "visor fit: error: global_batch_size 3 is not a multiple of batch_size 2"),
+    (["--model.init_args.init_from", "{tmp}/nope"], "visor fit: error: init_from='{tmp}/nope' does not exist"),
+])
+def test_user_errors_are_one_line_and_the_traceback_is_on_request(tiny_pipeline, tmp_path, extra, expected):
+    """Errors a user fixes by changing an argument: exit 2 with one line naming it, no traceback (it was 20 to 83
+    lines); VISOR_TRACEBACK=1 brings the traceback back for a bug report."""
+    fill = lambda s: s.format(tmp=tmp_path)  # noqa: E731
+    done = _fit(tiny_pipeline, tmp_path, *map(fill, extra))
+    assert done.returncode == 2 and fill(expected) in done.stderr, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) <= 6, done.stderr[-3000:]
+    loud = _fit(tiny_pipeline, tmp_path, *map(fill, extra), env_extra={"VISOR_TRACEBACK": "1"})
+    assert loud.returncode != 0 and "Traceback" in loud.stderr

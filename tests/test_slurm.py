@@ -118,6 +118,17 @@ def test_bad_arguments_fail_before_anything_is_submitted(slurm_cluster, demo_dat
     assert not (tmp_path / "jobs").exists() and _sh("squeue", "-h", "-o", "%i") == before
 
 
+def test_a_job_sbatch_refuses_leaves_no_job_directory(slurm_cluster, demo_data, tmp_path):
+    """Past the checks visor makes itself, sbatch can still refuse (here: more CPUs than any node has); the job
+    directory with its code snapshot (~1 MB) would only look like a submitted job, so it goes."""
+    before = _sh("squeue", "-h", "-o", "%i")
+    done = _submit(tmp_path, demo_data, "--config", "experiments/debug/stage0_base.yaml", "--gpus-per-node", "0",
+                   "--cpus-per-task", "999")
+    assert done.returncode == 2 and "sbatch refused the job" in done.stderr and "nothing was queued" in done.stderr, \
+        done.stderr
+    assert not [p for p in (tmp_path / "jobs").glob("*") if p.is_dir()] and _sh("squeue", "-h", "-o", "%i") == before
+
+
 def test_a_config_typo_fails_at_submission(slurm_cluster, demo_data, tmp_path):
     done = _submit(tmp_path, demo_data, "--config", "experiments/debug/stage0_base.yaml", "--gpus-per-node", "0",
                    fit=["--model.init_args.lrr", "0.1"])

@@ -104,3 +104,15 @@ def test_mlflow_ui_shows_the_pipeline_in_a_real_browser(tiny_pipeline, chromium)
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+def test_ui_on_a_taken_port_fails_and_says_so(tmp_path):
+    """mlflow's server exits 0 when its port is taken; `visor ui` checks first and exits 2 naming the port."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "visor_lightning", "ui", "--port", str(port), "--store",
+                               f"sqlite:///{tmp_path / 'mlflow.db'}"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"port {port} on 127.0.0.1 is taken" in done.stderr and "--port" in done.stderr

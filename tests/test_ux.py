@@ -136,3 +136,35 @@ def test_no_command_module_imports_the_cli():
             if isinstance(node, ast.ImportFrom):
                 assert node.module not in ("visor_lightning.cli", "cli") and not (node.level and node.module == "cli"), path
                 assert not (node.level == 2 and node.module == "cli"), path
+
+
+def test_mlflow_artifacts_sit_beside_the_store_whatever_the_working_directory(tiny_pipeline):
+    """MLflow's default puts a new experiment's artifacts in ./mlruns of whichever process created it; every
+    experiment here keeps them in <store dir>/mlartifacts, so they travel with the store."""
+    from mlflow import MlflowClient
+
+    store = Path(tiny_pipeline["uri"][len("sqlite:///"):]).resolve().parent
+    client = MlflowClient(tiny_pipeline["uri"])
+    exps = [e for e in client.search_experiments() if e.name != "Default"]
+    assert exps
+    for e in exps:
+        assert e.artifact_location.startswith((store / "mlartifacts").as_uri()), (e.name, e.artifact_location)
+    runs = client.search_runs([e.experiment_id for e in exps])
+    logged = [r for r in runs if client.list_artifacts(r.info.run_id)]
+    assert logged and all(Path(r.info.artifact_uri.removeprefix("file://")).is_dir() for r in logged)
+
+
+def test_make_clean_keeps_the_mlflow_store(tmp_path):
+    """`make clean` removes run directories, not the runs browsed in MLflow; `make clean-all` removes both."""
+    import shutil
+
+    shutil.copy(ROOT / "Makefile", tmp_path / "Makefile")
+    for f in ("runs/mlflow.db", "runs/mlartifacts/visor-demo/abc/artifacts/x.png", "runs/demo/base/weights/w",
+              "runs/realsize/realsize.md"):
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text("x")
+    assert subprocess.run(["make", "-s", "clean"], cwd=tmp_path).returncode == 0
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["mlartifacts", "mlflow.db"]
+    assert (tmp_path / "runs/mlartifacts/visor-demo/abc/artifacts/x.png").is_file()
+    assert subprocess.run(["make", "-s", "clean-all"], cwd=tmp_path).returncode == 0
+    assert not (tmp_path / "runs").exists()

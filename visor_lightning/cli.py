@@ -391,6 +391,14 @@ def cmd_ui(args: argparse.Namespace, out: TextIO) -> int:
     exe = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or shutil.which("mlflow")
     if exe is None:
         raise FileNotFoundError("the mlflow command is not installed in this environment (make install)")
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:  # mlflow itself exits 0 on a busy port
+        try:
+            probe.bind(("127.0.0.1", args.port))
+        except OSError as e:
+            raise ValueError(f"port {args.port} on 127.0.0.1 is taken ({e.strerror}): another `visor ui`? "
+                             f"Open it, or pick a free port with --port") from None
     print(f"MLflow UI for {store} at http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
     os.execv(exe, [exe, "server", "--backend-store-uri", store, "--host", "127.0.0.1", "--port", str(args.port),
                    "--workers", "1"])

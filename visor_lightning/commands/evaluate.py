@@ -151,7 +151,7 @@ def log_to_mlflow(results: dict[str, dict[str, dict[str, Any]]], out_dir: Path, 
     from mlflow.exceptions import MlflowException
 
     from visor_lightning.lit.metrics import metric_key
-    from visor_lightning.lit.tracking import run_name, tracking_uri
+    from visor_lightning.lit.tracking import ensure_experiment, run_name, tracking_uri
 
     uri = tracking_uri()
     client = MlflowClient(uri)
@@ -171,8 +171,7 @@ def log_to_mlflow(results: dict[str, dict[str, dict[str, Any]]], out_dir: Path, 
         else:
             print(f"[visor eval] the checkpoint's training run {found} is not in {uri}; logging to a new run")
     if run_id is None:
-        exp = client.get_experiment_by_name("visor-eval") or client.get_experiment(client.create_experiment("visor-eval"))
-        run_id = client.create_run(exp.experiment_id, run_name=run_name("visor-eval", "eval")).info.run_id
+        run_id = client.create_run(ensure_experiment(client, "visor-eval"), run_name=run_name("visor-eval", "eval")).info.run_id
         client.set_terminated(run_id)
     for s, targets in results.items():
         for t, r in targets.items():

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from visor_lightning.lit.tracking import METRICS_ENV, PARENT_ENV, code_version, run_name, tracking_uri
+from visor_lightning.lit.tracking import METRICS_ENV, PARENT_ENV, code_version, ensure_experiment, run_name, tracking_uri
 from visor_lightning.models.policy import check_knob, knob_target
 
 STAGE_KEYS = {"name", "config", "from", "args", "fit_args"}
@@ -204,7 +204,7 @@ def run_pipeline(cfg: dict[str, Any], restart: bool = False, only_data: bool = F
     out.mkdir(parents=True, exist_ok=True)
     experiment = cfg.get("experiment", "visor-pipeline")
     mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(experiment)
+    mlflow.set_experiment(experiment_id=ensure_experiment(mlflow.MlflowClient(), experiment))
     parent_file = out / "mlflow_parent_run_id"
     parent_id = parent_file.read_text().strip() if parent_file.is_file() and not restart else None
     t0 = time.perf_counter()

@@ -213,8 +213,9 @@ def submit(spec: JobSpec, *, dry_run: bool = False) -> tuple[str | None, Path, s
         return None, job_dir, script
     done = subprocess.run(["sbatch", "--parsable", str(job_dir / "job.sbatch")], capture_output=True, text=True,
                           timeout=60)
-    if done.returncode:
-        raise SubmitError(f"sbatch refused the job: {done.stderr.strip()}")
+    if done.returncode:  # nothing was queued: the job directory (code snapshot, script) would only mislead
+        shutil.rmtree(job_dir, ignore_errors=True)
+        raise SubmitError(f"sbatch refused the job: {done.stderr.strip()} (nothing was queued; {job_dir} removed)")
     job_id = done.stdout.strip().split(";")[0]
     (job_dir / "JOB_ID").write_text(job_id + "\n")
     return job_id, job_dir, script

@@ -242,8 +242,11 @@ def run_cli(args: list[str] | None) -> VisorCLI:
                 final["cuda/max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
             Path(os.environ[METRICS_ENV]).write_text(json.dumps(final))
         return cli
-    except (TrackingUnavailable, NonFiniteLossError) as e:
-        if args is not None:
+    except (TrackingUnavailable, NonFiniteLossError, ValueError, FileNotFoundError) as e:
+        # what a user can fix (a wrong path, a batch size that does not divide, a dead server): one line, no
+        # traceback; VISOR_TRACEBACK=1 shows it. The pipeline and the tests (args given) get the exception itself.
+        if args is not None or os.environ.get("VISOR_TRACEBACK"):
             raise
-        print(f"visor: error: {e}", file=sys.stderr)
+        cmd = (sys.argv[1:2] or ["fit"])[0]
+        print(f"visor {cmd}: error: {e}\n(set VISOR_TRACEBACK=1 to see where it was raised)", file=sys.stderr)
         raise SystemExit(2) from None

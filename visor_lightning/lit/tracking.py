@@ -26,6 +26,24 @@ def tracking_uri(create: bool = True) -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+def artifact_location(experiment: str, uri: str | None = None) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a local sqlite store (``<store dir>/mlartifacts/<name>``),
+    whatever the working directory (MLflow's default is ``./mlruns`` of the process that creates it). None for a
+    server, which decides itself."""
+    uri = uri or tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts" / experiment.replace("/", "_")).as_uri()
+
+
+def ensure_experiment(client: Any, name: str) -> str:
+    """The id of experiment ``name`` in ``client``'s store, created with its artifacts beside the store if new."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location(name, client.tracking_uri))
+
+
 class TrackingUnavailable(RuntimeError):
     """The MLflow tracking server does not answer: raised before any model is built."""
 
@@ -208,7 +226,8 @@ def open_stage_logger(root: Path, *, experiment: str, stage: str, name: str | No
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     logger = resilient_logger_class()(experiment_name=experiment, tracking_uri=uri, run_name=run_name(experiment, name or stage),
-                                      run_id=run_id, tags=run_tags(model, stage, data), log_model=False, root=Path(root))
+                                      run_id=run_id, tags=run_tags(model, stage, data), log_model=False, root=Path(root),
+                                      artifact_location=artifact_location(experiment, uri))
     id_file.write_text(logger.run_id)  # creates the run now, so a crash before the first log still resumes it
     return logger
 
