@@ -29,7 +29,8 @@ def _fit(tiny_pipeline, tmp_path, *extra: str, env_extra: dict | None = None, st
             "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.max_steps", str(steps),
             "--data.batches_per_epoch", str(steps), "--data.batch_size", "2", "--global_batch_size", "2",
             "--data.num_workers", "0", "--checkpoint_every_n_steps", "2", "--trainer.log_every_n_steps", "1", *extra]
-    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    # its own session: the kill drill (callbacks/drills.py) SIGKILLs the run's whole process group
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT, start_new_session=True)
 
 
 def _ckpt_step(path: Path) -> int:
@@ -226,3 +227,21 @@ def test_user_errors_are_one_line_and_the_traceback_is_on_request(tiny_pipeline,
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) <= 6, done.stderr[-3000:]
     loud = _fit(tiny_pipeline, tmp_path, *map(fill, extra), env_extra={"VISOR_TRACEBACK": "1"})
     assert loud.returncode != 0 and "Traceback" in loud.stderr
+
+
+@pytest.mark.slow
+def test_a_run_killed_and_resumed_with_other_settings_keeps_writing_last_ckpt(tiny_pipeline, tmp_path):
+    """SIGKILL (the shipped drill, every rank) right after step 2's checkpoint; resumed with another checkpoint
+    interval, as a requeue with edited settings would be. Lightning then no longer recognised its own last.ckpt and
+    wrote a new one beside it, last-v1.ckpt (a second 11 GB full state at 0.5B per resume: it filled the disk of
+    `visor realsize`). last.ckpt is now overwritten in place (the writes are atomic)."""
+    killed = _fit(tiny_pipeline, tmp_path, "--trainer.callbacks+=visor_lightning.callbacks.drills.KillAfterStep",
+                  "--trainer.callbacks.init_args.step", "2", steps=6)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert _ckpt_step(ckpts / "last.ckpt") == 2
+    resumed = _fit(tiny_pipeline, tmp_path, "--ckpt_path", "last", "--checkpoint_every_n_steps", "4", steps=6)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr[-3000:]
+    assert not list(ckpts.glob("last-v*.ckpt"))  # (step=2.ckpt stays: the new interval's top-k does not know it)
+    assert _ckpt_step(ckpts / "last.ckpt") == 4  # the newest save (Lightning saves no extra one at the end)
+    assert json.loads((tmp_path / "run" / "weights" / "visor.json").read_text())["global_step"] == 6

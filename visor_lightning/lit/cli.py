@@ -191,8 +191,10 @@ class VisorCLI(LightningCLI):
         user = init.trainer.get("callbacks") or []
         callbacks = [*(user if isinstance(user, list) else [user]), *(kwargs.pop("callbacks", None) or [])]
         callbacks += [
+            # no last-v1.ckpt: a run resumed with other checkpoint settings is not recognised by Lightning as
+            # the writer of last.ckpt and would version it (a second full state); writes are atomic
             ModelCheckpoint(dirpath=root / "checkpoints", filename="{step}", save_last=True, save_top_k=1,
-                            every_n_train_steps=cfg.checkpoint_every_n_steps),
+                            every_n_train_steps=cfg.checkpoint_every_n_steps, enable_version_counter=False),
             DataStats(),
             MlflowArtifacts(root, config_yaml, self.config_dump_for_params(cfg)),
         ]
@@ -231,6 +233,18 @@ class VisorCLI(LightningCLI):
         return out
 
 
+def user_message(e: BaseException) -> str:
+    """The cause a user can act on: jsonargparse wraps a stage's own error (e.g. a missing ``init_from``) in
+    "Does not validate against any of the Union subtypes ..." with the model's whole namespace; keep the cause."""
+    text = str(e)
+    if "Does not validate against any of the Union subtypes" in text:
+        causes = [ln.strip()[2:] for ln in text.splitlines()
+                  if ln.strip().startswith("- ") and "Expected a <class 'NoneType'>" not in ln]
+        if causes:
+            return causes[0]
+    return text
+
+
 def run_cli(args: list[str] | None) -> VisorCLI:
     """``args=None`` reads ``sys.argv[1:]`` (the shell); the pipeline passes its own."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -248,5 +262,6 @@ def run_cli(args: list[str] | None) -> VisorCLI:
         if args is not None or os.environ.get("VISOR_TRACEBACK"):
             raise
         cmd = (sys.argv[1:2] or ["fit"])[0]
-        print(f"visor {cmd}: error: {e}\n(set VISOR_TRACEBACK=1 to see where it was raised)", file=sys.stderr)
+        print(f"visor {cmd}: error: {user_message(e)}\n(set VISOR_TRACEBACK=1 to see where it was raised)",
+              file=sys.stderr)
         raise SystemExit(2) from None
