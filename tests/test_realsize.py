@@ -190,5 +190,7 @@ def test_the_runner_end_to_end_at_tiny_width(tmp_path, monkeypatch):
     assert trained["stage2_sft"] == trained["universal"] > trained["stage1_ca"] + trained["policy"]
     assert all(r["checkpoint_gb"] > 0 and r["predicted_gb"] > 0 for r in rows.values())
     assert report["eval"]["rc"] == 0 and set(report["eval"]["samples"].values()) == {8}
-    assert not list((out / "runs").rglob("*.ckpt")) and not list((out / "runs").rglob("model.safetensors"))
+    assert not list((out / "runs").rglob("*.ckpt"))  # weights gone too, the random checkpoint (reused) stays
+    assert [p.parent.name for p in out.rglob("model.safetensors")] == ["llava-onevision-qwen2-0.5b-ov-random"]
+    assert list((out / "mlartifacts").rglob("*.png"))  # MLflow's artifacts beside its store; the weights' copies gone
     assert "| stage2_sft | 1 |" in (out / "realsize.md").read_text()

@@ -292,10 +292,12 @@ def run_realsize(out: Path, zero2: list[str], resume: str | None, only: list[str
     if ok and "policy" in done:
         evaluation = run_eval_smoke(done["policy"], cfg, env, log, val)
         ok = evaluation["rc"] == 0
-    if not keep:
+    if not keep:  # the hand-over weights, and their copies in the MLflow artifact store beside out/mlflow.db
         for root in done.values():
             shutil.rmtree(root / "weights", ignore_errors=True)
             shutil.rmtree(root / "hf", ignore_errors=True)
+        for copy in (out / "mlartifacts").glob("*/*/artifacts/weights"):
+            shutil.rmtree(copy, ignore_errors=True)
     report = {"ok": ok, "rows": rows, "eval": evaluation, "seconds": round(time.perf_counter() - t_all, 1),
               "log": str(log)}
     report["table"] = markdown(report)
