@@ -119,11 +119,10 @@ def test_bad_arguments_fail_before_anything_is_submitted(slurm_cluster, demo_dat
 
 
 def test_a_job_sbatch_refuses_leaves_no_job_directory(slurm_cluster, demo_data, tmp_path):
-    """Past the checks visor makes itself, sbatch can still refuse (here: more CPUs than any node has); the job
-    directory with its code snapshot (~1 MB) would only look like a submitted job, so it goes."""
+    """Past the checks visor makes itself, sbatch can still refuse (here: a GPU job on this cluster, which has no
+    GPU resource); the job directory with its code snapshot (~1 MB) would only look like a submitted job, so it goes."""
     before = _sh("squeue", "-h", "-o", "%i")
-    done = _submit(tmp_path, demo_data, "--config", "experiments/debug/stage0_base.yaml", "--gpus-per-node", "0",
-                   "--cpus-per-task", "999")
+    done = _submit(tmp_path, demo_data, "--config", "experiments/debug/stage0_base.yaml", "--gpus-per-node", "1")
     assert done.returncode == 2 and "sbatch refused the job" in done.stderr and "nothing was queued" in done.stderr, \
         done.stderr
     assert not [p for p in (tmp_path / "jobs").glob("*") if p.is_dir()] and _sh("squeue", "-h", "-o", "%i") == before

@@ -394,6 +394,8 @@ def cmd_ui(args: argparse.Namespace, out: TextIO) -> int:
     import socket
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:  # mlflow itself exits 0 on a busy port
+        # as the server binds (SO_REUSEADDR): a port a stopped server left in TIME_WAIT is free, a listener is not
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", args.port))
         except OSError as e:
