@@ -97,3 +97,27 @@ def test_eval_errors_name_the_problem(tiny_pipeline, tmp_path):
                           capture_output=True, text=True, timeout=300,
                           env={**__import__("os").environ, "VISOR_DATA": str(tiny_pipeline["data"])})
     assert done.returncode == 2 and "sa[9]" in done.stderr and "not feasible" in done.stderr, done.stderr
+
+
+def test_eval_mlflow_false_logs_nothing(tiny_pipeline, tmp_path):
+    """`visor eval --mlflow false`: the table and eval.json as always, and not one new run or metric in the store."""
+    import os
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tiny_pipeline["uri"])
+    weights = tiny_pipeline["out"] / "policy" / "weights"
+    trained_in = (weights.parent / "mlflow_run_id").read_text().strip()  # where eval would log by default
+
+    def snapshot():  # every run's id, and how many values each metric of the training run holds
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        keys = client.get_run(trained_in).data.metrics
+        return sorted(r.info.run_id for r in runs), {k: len(client.get_metric_history(trained_in, k)) for k in keys}
+    before = snapshot()
+    env = {**os.environ, "VISOR_DATA": str(tiny_pipeline["data"]), "MLFLOW_TRACKING_URI": tiny_pipeline["uri"]}
+    done = subprocess.run([sys.executable, "-m", "visor_lightning", "eval", "--config", str(CONFIG), "--ckpt", str(weights),
+                           "--configs", "sa[0]", "--no-swap", "--mlflow", "false", "--out", str(tmp_path), "--",
+                           "--data.num_workers", "0"], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "nothing logged to MLflow (--mlflow false)" in done.stdout and (tmp_path / "eval.json").is_file()
+    assert snapshot() == before

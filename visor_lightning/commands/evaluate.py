@@ -63,7 +63,8 @@ def parse_knobs(text: str | None) -> list[float]:
 
 def run_eval(config: list[str], ckpt: str, *, targets: str = "all", out: str | None = None, run_id: str | None = None,
              extra: list[str] | None = None, swap: bool = True,
-             baseline_train: dict[str, str] | str | None = None, max_acc_drop: list[float] | None = None) -> dict[str, Any]:
+             baseline_train: dict[str, str] | str | None = None, max_acc_drop: list[float] | None = None,
+             mlflow: bool = True) -> dict[str, Any]:
     """Score every target on every ``data.val`` set; with ``swap`` also on each set's swapped-image copy
     (``acc_swapped``), and the question-only baseline per set (``baseline_train``: a training split for all
     sets, or one per set name; else counted on the set itself). ``max_acc_drop``: the router at each of these
@@ -127,7 +128,7 @@ def run_eval(config: list[str], ckpt: str, *, targets: str = "all", out: str | N
     table = markdown(results, dense, baselines)
     (out_dir / "eval.md").write_text(table + "\n")
     doc["table"], doc["out"] = table, str(out_dir)
-    doc["mlflow_run_id"] = log_to_mlflow(results, out_dir, run_id, training_run_id(ckpt_path), baselines)
+    doc["mlflow_run_id"] = log_to_mlflow(results, out_dir, run_id, training_run_id(ckpt_path), baselines) if mlflow else None
     return doc
 
 
@@ -202,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "always the cheapest), e.g. 0,0.02,0.05,0.1")
     p.add_argument("--out", default=None, help="where eval.json / eval.md go (default: <ckpt dir>/eval)")
     p.add_argument("--run-id", default=None, help="MLflow run to log into (default: the run that wrote --ckpt)")
+    p.add_argument("--mlflow", choices=["true", "false"], default="true",
+                   help="false: write eval.json / eval.md only, log nothing to MLflow (default true)")
     p.add_argument("--no-swap", action="store_true", help="skip the swapped-image control (each set is read once)")
     p.add_argument("--baseline-train", action="append", default=[], metavar="[SET=]SHARDS",
                    help="training split for the question-only baseline (manifest, glob), for every set or for SET; "
@@ -233,7 +236,7 @@ def eval_main(argv: list[str]) -> int:
         try:
             doc = run_eval(a.config, a.ckpt, targets=a.configs, out=a.out, run_id=a.run_id, extra=extra,
                            swap=not a.no_swap, baseline_train=parse_baseline_train(a.baseline_train),
-                           max_acc_drop=parse_knobs(a.max_acc_drop))
+                           max_acc_drop=parse_knobs(a.max_acc_drop), mlflow=a.mlflow == "true")
         except (FileNotFoundError, ValueError) as e:
             print(f"visor eval: error: {e}", file=sys.stderr)
             return 2
@@ -241,5 +244,6 @@ def eval_main(argv: list[str]) -> int:
             emit({k: v for k, v in doc.items() if k != "table"}, out)
             return 0
     print(doc["table"])
-    print(f"\nper-sample records: {doc['out']}/eval.json; MLflow run {doc['mlflow_run_id']}")
+    logged = f"MLflow run {doc['mlflow_run_id']}" if doc["mlflow_run_id"] else "nothing logged to MLflow (--mlflow false)"
+    print(f"\nper-sample records: {doc['out']}/eval.json; {logged}")
     return 0
