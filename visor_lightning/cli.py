@@ -358,7 +358,7 @@ def cmd_sizing(args: argparse.Namespace, out: TextIO) -> int:
 def _cpu_sizing(args: argparse.Namespace, out: TextIO) -> int:
     from pathlib import Path
 
-    from .commands.sizing import CPU_ASSUMPTIONS, predict_cpu_stage
+    from .commands.sizing import CPU_ASSUMPTIONS, assumptions_markdown, predict_cpu_stage
 
     try:
         h, w = (int(x) for x in args.image.lower().split("x"))
@@ -375,7 +375,7 @@ def _cpu_sizing(args: argparse.Namespace, out: TextIO) -> int:
           f"{r['world']} process(es){' ZeRO-2' if r['zero2'] else ''}, {args.batch} x {h}x{w} image + {args.text_tokens} text tokens")
     print(f"peak host memory {r['total_gb']:.1f} GB = max(loading {r['load_gb']:.1f}, training {r['train_gb']:.1f}); "
           f"states {r['states_gb']:.1f} GB and activations {r['activations_gb']:.1f} GB per process")
-    print("Assumptions:\n" + "\n".join(f"- **{k}**: {v}" for k, v in CPU_ASSUMPTIONS.items()))
+    print("Assumptions:\n" + assumptions_markdown(CPU_ASSUMPTIONS))
     return 0
 
 

@@ -113,8 +113,8 @@ def run_child(argv: list[str], env: dict[str, str], log: Path) -> dict[str, Any]
 
 
 def run_fit(argv: list[str], root: Path, env: dict[str, str], log: Path) -> dict[str, Any]:
-    """``visor fit argv`` (:func:`run_child`) with its final metrics and each step's seconds; the memory timeline
-    goes to ``root/memory_timeline.json``."""
+    """``visor fit argv`` (:func:`run_child`) with its final metrics, each step's seconds and the checkpoint it resumed
+    from (if any); the memory timeline goes to ``root/memory_timeline.json``."""
     from visor_lightning.lit.tracking import METRICS_ENV
 
     metrics_file = root / "final_metrics.json"
@@ -124,7 +124,10 @@ def run_fit(argv: list[str], root: Path, env: dict[str, str], log: Path) -> dict
     (root / "memory_timeline.json").write_text(json.dumps(res.pop("timeline")))
     res["killed"] = res["rc"] == -signal.SIGKILL
     res["metrics"] = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    res["step_seconds"] = step_seconds(res.pop("text"))
+    text = res.pop("text")
+    res["step_seconds"] = step_seconds(text)
+    resumed = [ln for ln in text.splitlines() if "--ckpt_path last: resuming from" in ln]  # lit/cli.latest_checkpoint
+    res["resumed_from"] = resumed[-1].split("resuming from", 1)[1].strip() if resumed else None
     return res
 
 
@@ -140,7 +143,9 @@ def step_seconds(text: str) -> list[int]:
 
 def stage_setup(name: str, root: Path) -> dict[str, Any]:
     """What the run directory says about a finished stage: optimizer steps and the trained parameters."""
-    meta = json.loads((root / "weights" / "visor.json").read_text())
+    from visor_lightning.lit.weights import read_config
+
+    meta = read_config(root / "weights")
     return {"global_step": int(meta.get("global_step", -1)), "trainable_params": int(meta.get("trainable_params", 0))}
 
 
@@ -216,10 +221,9 @@ def max_text_tokens(ckpt: str) -> int:
 def run_realsize(out: Path, zero2: list[str], resume: str | None, only: list[str] | None = None,
                  keep: bool = False, zero2_devices: int = 2, model_config: str = MODEL,
                  schedule: str | None = None) -> dict[str, Any]:
-    from visor_lightning.commands.args import add_data_build_args
     from visor_lightning.data.build import run_build
 
-    from .pipeline import build_data, load_pipeline, stage_args
+    from .pipeline import build_args, build_data, load_pipeline, stage_args
 
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
@@ -228,10 +232,9 @@ def run_realsize(out: Path, zero2: list[str], resume: str | None, only: list[str
     env = dict(os.environ)
     cfg = load_pipeline(PIPELINE)
     build_data(cfg["data"], restart=False)
-    dev = argparse.ArgumentParser()
-    add_data_build_args(dev)
-    run_build(dev.parse_args(["--source", "hf-parquet", "--parquet", str(out / "parquet" / "dev" / "**" / "*.parquet"),
-                              "--split", "dev", "--out", env_vars["VISOR_DATA"], "--overwrite", "--no-progress"]))
+    dev = {"source": "hf-parquet", "parquet": str(out / "parquet" / "dev" / "**" / "*.parquet"), "split": "dev",
+           "no_progress": True}  # the validation split, as a pipeline's data.builds entry would be built
+    run_build(build_args(dev, Path(env_vars["VISOR_DATA"]), where="realsize dev split"))
     val = ["--data.val", json.dumps({"dev": str(Path(env_vars["VISOR_DATA"]) / "dev-manifest.json")})]
     text_tokens = max_text_tokens(env_vars["VISOR_LLAVA_OV"])
     runs = Path(cfg["out"])
@@ -260,7 +263,7 @@ def run_realsize(out: Path, zero2: list[str], resume: str | None, only: list[str
             print(f"   killed after its step-1 checkpoint ({first['seconds']:.0f} s, rc {first['rc']}); resuming",
                   flush=True)
             res = run_fit(argv + ["--ckpt_path", "last"], root, env, log)
-            resumed = {"first_seconds": first["seconds"], "killed": first["killed"], "resumed_from": _resumed_from(log),
+            resumed = {"first_seconds": first["seconds"], "killed": first["killed"], "resumed_from": res["resumed_from"],
                        "steps_before_kill": len(first["step_seconds"]), "steps_after": len(res["step_seconds"])}
             res["step_seconds"] = first["step_seconds"] + res["step_seconds"]
         else:
@@ -324,11 +327,6 @@ def measure_stage(name: str, root: Path, res: dict[str, Any], started_from: Path
     row.update(predicted_gb=round(pred["total_gb"], 2), prediction=pred,
                ratio=round(res["peak_rss_gb"] / pred["total_gb"], 2))
     return row
-
-
-def _resumed_from(log: Path) -> str | None:
-    lines = [ln for ln in log.read_text(errors="replace").splitlines() if "--ckpt_path last: resuming from" in ln]
-    return lines[-1].split("resuming from", 1)[1].strip() if lines else None
 
 
 def run_eval_smoke(root: Path, cfg: dict[str, Any], env: dict[str, str], log: Path, val: list[str]) -> dict[str, Any]:

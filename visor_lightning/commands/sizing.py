@@ -60,14 +60,19 @@ class Row:
         return "yes" if self.total_gb <= 80 else "no"
 
 
-def _activation_bytes(spec: BackboneSpec, schedule: LayerSchedule, nt: int, nv: int, crops: int) -> float:
+def _activation_parts(spec: BackboneSpec, schedule: LayerSchedule, nt: int, nv: int, crops: int) -> tuple[float, float]:
+    """Bytes the backward keeps for one sample: (the LLM's layers and CA blocks, SigLIP's layers)."""
     t, v = spec.text, spec.vision
     per_tok_lm = 2 * (7 * t.hidden_size + 2 * t.num_kv_heads * t.head_dim + 4 * t.intermediate_size)
     per_tok_vis = 2 * (9 * v.hidden_size + 4 * v.intermediate_size)
     sa = set(schedule.sa_layers)
     lm_tokens = sum(nt + nv if layer in sa else nt for layer in range(t.num_layers))
     lm_tokens += len(schedule.ca_layers) * nt  # CA blocks: text queries (visual K/V are the stored visual tokens)
-    return per_tok_lm * lm_tokens + per_tok_vis * v.tokens_per_crop * crops * v.num_layers
+    return per_tok_lm * lm_tokens, per_tok_vis * v.tokens_per_crop * crops * v.num_layers
+
+
+def _activation_bytes(spec: BackboneSpec, schedule: LayerSchedule, nt: int, nv: int, crops: int) -> float:
+    return sum(_activation_parts(spec, schedule, nt, nv, crops))
 
 
 def size(name: str, text: TextSpec, gpus: int) -> Row:
@@ -115,8 +120,9 @@ def assumptions() -> dict[str, str | int]:
     return {k: v.format(**filled) if isinstance(v, str) else v for k, v in ASSUMPTIONS.items()}
 
 
-def assumptions_markdown() -> str:
-    return "\n".join(f"- **{k}**: {v}" for k, v in assumptions().items())
+def assumptions_markdown(items: dict[str, Any] | None = None) -> str:
+    """``items`` (default: the GPU table's :func:`assumptions`) as a Markdown list."""
+    return "\n".join(f"- **{k}**: {v}" for k, v in (assumptions() if items is None else items).items())
 
 
 # ---- one CPU process (or a few), the setup `visor realsize` measures -------------------------------------------
@@ -168,10 +174,8 @@ def predict_cpu_stage(weights: str | Path, trainable: int | None, world: int = 1
     act = 0.0
     for h, w in images:  # the maximal configuration: every SA candidate sees the visual tokens
         nv, crops = spec.visual_tokens(h, w), spec.vision_crops(h, w)
-        a = _activation_bytes(spec, schedule, text_tokens, nv, crops)
-        vis = 2 * (9 * spec.vision.hidden_size + 4 * spec.vision.intermediate_size) * spec.vision.tokens_per_crop \
-            * crops * spec.vision.num_layers
-        act = max(act, (a - vis) * lm_trains + vis * vision_trains)
+        lm, vis = _activation_parts(spec, schedule, text_tokens, nv, crops)
+        act = max(act, lm * lm_trains + vis * vision_trains)
     act *= batch
     logits = 10 * spec.text.vocab_size * text_tokens * batch * lm_trains
     if not zero2:
