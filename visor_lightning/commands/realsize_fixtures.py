@@ -79,6 +79,7 @@ def write_random_checkpoint(config: str | Path, out: str | Path, seed: int = 0, 
 
     from visor_lightning.config import load_model_section
     from visor_lightning.data.collate import image_processor_for
+    from visor_lightning.data.hf_processor import write_processor_config
 
     spec = load_model_section(config).backbone
     if spec.text.vocab_size < QWEN2_REGULAR + len(SPECIALS) or spec.image_token_id != QWEN2_REGULAR + 3:
@@ -97,9 +98,7 @@ def write_random_checkpoint(config: str | Path, out: str | Path, seed: int = 0, 
     qwen2_shaped_tokenizer(out, fixture_texts())
     proc = image_processor_for(spec)
     proc.save_pretrained(str(out))
-    (out / "processor_config.json").write_text(json.dumps(
-        {"num_image_tokens": spec.vision.tokens_per_crop, "processor_class": "LlavaOnevisionProcessor",
-         "vision_aspect_ratio": spec.vision_aspect_ratio, "vision_feature_select_strategy": "full"}, indent=2))
+    write_processor_config(spec, out)
     (out / "chat_template.json").write_text(json.dumps({"chat_template": LLAVA_OV_CHAT_TEMPLATE}, indent=2))
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     return {"dir": str(out), "params": params, "bytes": size, "dtype": dtype}

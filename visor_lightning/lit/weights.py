@@ -224,6 +224,8 @@ def export_llava_onevision(model: VisorModel, out: str | Path, tokenizer=None, i
     """Write a dense VISOR model (every layer SA, no CA) as a transformers LLaVA-OneVision directory."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
+    from visor_lightning.data.hf_processor import write_processor_config
+
     if model.lm.ca_blocks or model.schedule.sa_layers != tuple(range(model.schedule.num_layers)):
         raise ValueError("only a dense model (LayerSchedule.dense) is a plain LLaVA-OneVision checkpoint")
     cfg = model.backbone.to_hf_config()
@@ -237,4 +239,5 @@ def export_llava_onevision(model: VisorModel, out: str | Path, tokenizer=None, i
         tokenizer.save_pretrained(out)
     if image_processor is not None:
         image_processor.save_pretrained(out)
+        write_processor_config(model.backbone, out)  # what LlavaOnevisionProcessor reads beside the image processor
     return out
