@@ -168,3 +168,41 @@ def test_make_clean_keeps_the_mlflow_store(tmp_path):
     assert (tmp_path / "runs/mlartifacts/visor-demo/abc/artifacts/x.png").is_file()
     assert subprocess.run(["make", "-s", "clean-all"], cwd=tmp_path).returncode == 0
     assert not (tmp_path / "runs").exists()
+
+
+def test_flops_describes_the_model_a_stage_config_trains(tiny_pipeline, tmp_path, capsys):
+    """A run's config.yaml is described by the weights beside it, a stage config by its init_from, --weights by the
+    directory; a stage config that names no shapes says it is using the defaults (it printed the 0.5B table as if
+    it were the trained model)."""
+    from visor_lightning.lit.weights import read_config, schedule_from_dict
+
+    out = tiny_pipeline["out"]
+    uni = out / "universal"
+    saved = schedule_from_dict(read_config(uni / "weights")["schedule"])
+
+    def flops(*argv: str) -> dict:
+        assert main(["flops", *argv, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    run = flops("--config", str(uni / "config.yaml"))
+    assert run["shapes_from"] == f"weights {uni / 'weights'}" and run["schedule"] == saved.describe()
+    assert [r["config"] for r in run["rows"]][1:] == [f"sa[{','.join(map(str, c))}]" for c in saved.feasible]
+    assert flops("--weights", str(uni / "weights"))["rows"] == run["rows"]
+    stage = tmp_path / "stage.yaml"  # a stage config before its run: init_from gives the shapes
+    stage.write_text("model:\n  class_path: visor_lightning.lit.Universal\n  init_args:\n"
+                     f"    init_from: {out / 'full_finetune' / 'weights'}\n")
+    assert flops("--config", str(stage))["rows"] == run["rows"]
+    dense = tmp_path / "base.yaml"  # the dense base's rule: every layer SA, whatever the schedule says
+    dense.write_text(f"model:\n  class_path: visor_lightning.lit.DenseBase\n  init_args:\n"
+                     f"    init_from: {out / 'base' / 'weights'}\n    schedule: {{num_ca: 2}}\n")
+    assert flops("--config", str(dense))["schedule"] == "SSSSSS"
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("model:\n  class_path: visor_lightning.lit.Universal\n  init_args: {lr: 0.001}\n")
+    assert main(["flops", "--config", str(bare)]) == 0
+    captured = capsys.readouterr()
+    assert "using the default shapes" in captured.err and "24 layers x width 896" in captured.out
+    gone = tmp_path / "gone.yaml"
+    gone.write_text("model:\n  class_path: visor_lightning.lit.Universal\n  init_args: {init_from: /no/such/weights}\n")
+    assert main(["flops", "--config", str(gone)]) == 2
+    err = capsys.readouterr().err
+    assert str(gone) in err and "init_from" in err and "/no/such/weights" in err

@@ -25,7 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="analytic prefill/decode FLOPs and visual-KV bytes of every feasible configuration vs dense",
         description="The formula is documented in visor_lightning/flops.py and docs/flops.md.",
     )
-    f.add_argument("--config", required=True, help="experiment YAML with a model: section (backbone, schedule)")
+    src = f.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help="experiment YAML: a model: section (backbone, schedule), or a stage config / "
+                                      "run's config.yaml (its run's weights, init_from, or backbone)")
+    src.add_argument("--weights", metavar="DIR", help="a stage's weights/ directory: the model it saved")
     f.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
     add_workload_args(f)
 
@@ -115,6 +118,8 @@ def _add_bench_parsers(sub) -> None:
         k = bsub.add_parser(kind, help=text, description=text + ". Random weights; CUDA when present.")
         k.add_argument("--config", default="experiments/llava_ov_0.5b/model.yaml",
                        help="experiment YAML with a model: section (default: the LLaVA-OV 0.5B shapes)")
+        k.add_argument("--weights", metavar="DIR", default=None,
+                       help="instead of --config: the shapes of a stage's weights/ directory (random weights are timed)")
         add_workload_args(k)
         k.add_argument("--batch", type=positive, default=1, help="sequences per call (default 1)")
         k.add_argument("--repeats", type=positive, default=5, help="timed rounds; the median is kept (default 5)")
@@ -302,9 +307,10 @@ def _section(args: argparse.Namespace):
     """The config's model section with ``--token-pool`` applied."""
     from dataclasses import replace
 
-    from .config import load_model_section
+    from .config import load_model_section, load_weights_section
 
-    section = load_model_section(args.config)
+    weights = getattr(args, "weights", None)
+    section = load_weights_section(weights) if weights else load_model_section(args.config)
     if args.token_pool is not None:
         section.backbone = replace(section.backbone, token_pool=args.token_pool)
         section.backbone.pool_shape  # a bad factor fails here, naming backbone.token_pool
@@ -324,15 +330,23 @@ def _section_and_workload(args: argparse.Namespace):
 
 
 def cmd_flops(args: argparse.Namespace, out: TextIO) -> int:
+    from .config import DEFAULT_SHAPES
     from .flops import FlopsModel, format_table, workload_dict
 
     section, work = _section_and_workload(args)
     rows = FlopsModel(section.backbone, section.schedule, section.policy_width).table(work)
     if args.json:
-        emit({"config": args.config, "schedule": section.schedule.describe(),
-              "workload": workload_dict(work, section.backbone), "rows": rows}, out)
+        emit({"config": args.config, "weights": args.weights, "shapes_from": section.source,
+              "schedule": section.schedule.describe(), "workload": workload_dict(work, section.backbone),
+              "rows": rows}, out)
     else:
         nv = work.resolve_visual(section.backbone)
+        if section.source == DEFAULT_SHAPES:
+            print(f"note: {args.config} names no backbone, init_from or weights: using {DEFAULT_SHAPES}; "
+                  "pass --weights DIR for a trained model's", file=sys.stderr)
+        t = section.backbone.text
+        print(f"model: {t.num_layers} layers x width {t.hidden_size}, vocabulary {t.vocab_size} "
+              f"(shapes from {section.source})")
         print(f"schedule {section.schedule.describe()}  (S always-on SA, s optional SA, C cross-attention, . text-only)")
         tr = f" (VISOR-TR pooling {section.backbone.token_pool}x; dense: {rows[0]['visual_tokens']})" if nv != rows[0]["visual_tokens"] else ""
         print(f"workload: {work.text_tokens} text + {nv} visual tokens{tr}, {work.decode_tokens} decode steps\n")

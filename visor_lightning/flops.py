@@ -268,15 +268,31 @@ def token_counts(ids: Any, mask: Any, image_token_id: int) -> tuple[list[int], l
     return ((~vis) & mask.bool()).sum(1).tolist(), vis.sum(1).tolist()
 
 
+def _unit(value: float, units: tuple[tuple[str, float], ...]) -> tuple[str, float]:
+    """The largest unit in which ``value`` is at least 1 (a tiny model's prefill is not "0.000 TFLOPs")."""
+    for name, scale in units:
+        if value >= scale:
+            return name, scale
+    return units[-1]
+
+
+FLOP_UNITS = (("TFLOPs", 1e12), ("GFLOPs", 1e9), ("MFLOPs", 1e6), ("kFLOPs", 1e3))
+BYTE_UNITS = (("MiB", 2**20), ("KiB", 2**10), ("bytes", 1))
+
+
 def format_table(rows: list[dict]) -> str:
-    """Markdown table of :meth:`FlopsModel.table` rows."""
-    head = "| config | SA | prefill TFLOPs | saving | saving incl. vision | decode GFLOPs/tok | decode saving | visual KV MiB |"
+    """Markdown table of :meth:`FlopsModel.table` rows; each column's unit is chosen by the dense row (the largest)."""
+    p_name, p_scale = _unit(max(r["prefill_flops"] for r in rows), FLOP_UNITS)
+    d_name, d_scale = _unit(max(r["decode_flops_per_token"] for r in rows), FLOP_UNITS)
+    k_name, k_scale = _unit(max(r["visual_kv_bytes"] for r in rows), BYTE_UNITS)
+    head = (f"| config | SA | prefill {p_name} | saving | saving incl. vision | decode {d_name}/tok | decode saving "
+            f"| visual KV {k_name} |")
     lines = [head, "|" + "---|" * 8]
     for r in rows:
         lines.append(
-            f"| {r['config']} | {'all' if r['sa_layers'] is None else r['sa_layers']} | {r['prefill_flops'] / 1e12:.3f} "
-            f"| {r['prefill_saving']:.2f}x | {r['prefill_with_vision_saving']:.2f}x | {r['decode_flops_per_token'] / 1e9:.3f} "
-            f"| {r['decode_saving']:.2f}x | {r['visual_kv_bytes'] / 2**20:.1f} |"
+            f"| {r['config']} | {'all' if r['sa_layers'] is None else r['sa_layers']} | {r['prefill_flops'] / p_scale:.3f} "
+            f"| {r['prefill_saving']:.2f}x | {r['prefill_with_vision_saving']:.2f}x | {r['decode_flops_per_token'] / d_scale:.3f} "
+            f"| {r['decode_saving']:.2f}x | {r['visual_kv_bytes'] / k_scale:.1f} |"
         )
     return "\n".join(lines)
 

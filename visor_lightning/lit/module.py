@@ -142,7 +142,12 @@ class VisorLitModule(pl.LightningModule):
 
     # ---- model --------------------------------------------------------------------------------------
     def resolve_schedule(self, spec: BackboneSpec) -> LayerSchedule:
-        return LayerSchedule.build(spec.text.num_layers, self.schedule_cfg)
+        return self.schedule_for(spec, self.schedule_cfg)
+
+    @classmethod
+    def schedule_for(cls, spec: BackboneSpec, cfg: ScheduleConfig | None) -> LayerSchedule:
+        """The layer schedule this stage trains on ``spec`` (a classmethod: ``visor flops`` asks a config's stage)."""
+        return LayerSchedule.build(spec.text.num_layers, cfg)
 
     def build_model(self) -> VisorModel:
         h = self.hparams

@@ -46,7 +46,8 @@ class DenseBase(VisorLitModule):
     stage = "base"
     default_parts = ("vision", "connector", "lm")
 
-    def resolve_schedule(self, spec) -> LayerSchedule:
+    @classmethod
+    def schedule_for(cls, spec, cfg) -> LayerSchedule:
         return LayerSchedule.dense(spec.text.num_layers)
 
 

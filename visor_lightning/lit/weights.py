@@ -18,19 +18,10 @@ from typing import Any
 import torch
 
 from visor_lightning.models import BackboneSpec, LayerSchedule, VisorModel
+from visor_lightning.models.schedule import schedule_from_dict, schedule_to_dict  # noqa: F401 (re-exported)
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "visor.json"
-
-
-def schedule_to_dict(s: LayerSchedule) -> dict[str, Any]:
-    return {"num_layers": s.num_layers, "ca_layers": list(s.ca_layers), "sa_layers": list(s.sa_layers),
-            "always_on_sa": list(s.always_on_sa), "feasible": [list(c) for c in s.feasible]}
-
-
-def schedule_from_dict(d: dict[str, Any]) -> LayerSchedule:
-    return LayerSchedule(d["num_layers"], tuple(d["ca_layers"]), tuple(d["sa_layers"]), tuple(d["always_on_sa"]),
-                         tuple(tuple(c) for c in d["feasible"]))
 
 
 def weights_meta(model: VisorModel, extra: dict[str, Any] | None = None) -> dict[str, Any]:

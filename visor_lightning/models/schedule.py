@@ -9,7 +9,7 @@ configuration, and the policy (router) sits in front of the first optional SA la
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 
@@ -213,3 +213,14 @@ class LayerSchedule:
             r = self.role(i)
             out.append("C" if r == "ca" else ("S" if i in self.always_on_sa else "s") if r == "sa" else ".")
         return "".join(out)
+
+
+def schedule_to_dict(s: LayerSchedule) -> dict[str, Any]:
+    """The schedule as visor.json stores it (a stage's weights/ directory and its checkpoints)."""
+    return {"num_layers": s.num_layers, "ca_layers": list(s.ca_layers), "sa_layers": list(s.sa_layers),
+            "always_on_sa": list(s.always_on_sa), "feasible": [list(c) for c in s.feasible]}
+
+
+def schedule_from_dict(d: dict[str, Any]) -> LayerSchedule:
+    return LayerSchedule(d["num_layers"], tuple(d["ca_layers"]), tuple(d["sa_layers"]), tuple(d["always_on_sa"]),
+                         tuple(tuple(c) for c in d["feasible"]))
