@@ -184,9 +184,14 @@ def test_visor_ask_answers_one_image(tiny_pipeline, tmp_path):
     assert list(res["predicted_correct_by_config"]) == names
     assert res["predicted_correct"] == res["predicted_correct_by_config"][res["config"]]
     assert 0 < res["gflops"] < res["dense_gflops"] and res["saving"] == pytest.approx(res["dense_gflops"] / res["gflops"])
-    assert isinstance(res["answer"], str)
+    assert isinstance(res["answer"], str) and res["policy_trained"] is True
     text = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert text.returncode == 0 and f"configuration: {res['config']}" in text.stdout and "fewer)" in text.stdout
+    assert "UNTRAINED" not in text.stdout
+    # universal weights: their router is its random init, and the answer says so
+    raw = subprocess.run(cmd[:5] + [str(out / "universal" / "weights")] + cmd[6:-2], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert raw.returncode == 0 and "UNTRAINED: no policy stage has trained" in raw.stdout, raw.stderr[-2000:]
     # a classifier policy has no knob: one line that says what to do
     bad = subprocess.run(cmd[:5] + [str(out / "policy" / "weights")] + cmd[6:], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert bad.returncode == 2 and "objective: correctness" in bad.stderr and "Traceback" not in bad.stderr

@@ -206,3 +206,30 @@ def test_flops_describes_the_model_a_stage_config_trains(tiny_pipeline, tmp_path
     assert main(["flops", "--config", str(gone)]) == 2
     err = capsys.readouterr().err
     assert str(gone) in err and "init_from" in err and "/no/such/weights" in err
+
+
+def test_eval_does_not_score_an_untrained_router_as_a_policy(tiny_pipeline, tmp_path):
+    """Universal weights carry a router no stage has trained: `--configs all` leaves it out with a note, naming it
+    labels its row untrained; a policy stage's weights are scored as a policy (visor.json's policy_trained)."""
+    from visor_lightning.lit.weights import read_config
+
+    out = tiny_pipeline["out"]
+    env = {"VISOR_DATA": str(tiny_pipeline["data"]), "MLFLOW_TRACKING_URI": tiny_pipeline["uri"]}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        assert read_config(out / "universal" / "weights")["policy_trained"] is False
+        assert read_config(out / "router" / "weights")["policy_trained"] is True
+        uni = [str(out / "universal" / "config.yaml")]
+        doc = run_eval(uni, str(out / "universal" / "weights"), out=str(tmp_path / "all"), swap=False, mlflow=False)
+        assert all("policy" not in per for per in doc["results"].values()) and doc["policy_trained"] is False
+        assert "not scored: no policy stage has trained" in doc["table"]
+        doc = run_eval(uni, str(out / "universal" / "weights"), targets="sa[0],policy", out=str(tmp_path / "named"),
+                       swap=False, mlflow=False)
+        assert "| policy (untrained router) |" in doc["table"] and "router is untrained" in doc["table"]
+        doc = run_eval([str(out / "router" / "config.yaml")], str(out / "router" / "weights"), out=str(tmp_path / "r"),
+                       swap=False, mlflow=False)
+        assert all("policy" in per for per in doc["results"].values()) and "untrained" not in doc["table"]
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)

@@ -37,6 +37,7 @@ def run_ask(weights: str, processor: str, image: str, question: str, *, target: 
         "answer": texts[0].strip(), "config": rec["config"], "sa_layers": len(lmm.model.schedule.feasible[int(chosen[0])]),
         "chosen_by": ("router" if lmm.model.policy.head == "correctness" else "policy") if target == "policy" else "forced",
         "max_acc_drop": lmm.model.policy.knob(max_acc_drop) if target == "policy" else None,
+        "policy_trained": lmm.model.policy.trained,
         "predicted_correct": None if p is None else round(float(p[0, int(chosen[0])]), 4),
         "predicted_correct_by_config": None if p is None else {n: round(float(v), 4) for n, v in zip(names, p[0])},
         "gflops": rec["gflops"], "dense_gflops": rec["dense_gflops"], "saving": rec["dense_gflops"] / rec["gflops"],
@@ -44,8 +45,10 @@ def run_ask(weights: str, processor: str, image: str, question: str, *, target: 
 
 
 def format_answer(r: dict[str, Any]) -> str:
-    how = {"router": f"chosen by the router at max_acc_drop={r['max_acc_drop']:g}", "policy": "chosen by the policy",
-           "forced": "named with --config"}[r["chosen_by"]]
+    how = {"router": lambda: f"chosen by the router at max_acc_drop={r['max_acc_drop']:g}",
+           "policy": lambda: "chosen by the policy", "forced": lambda: "named with --config"}[r["chosen_by"]]()
+    if r["chosen_by"] != "forced" and not r.get("policy_trained", True):
+        how += "; UNTRAINED: no policy stage has trained this model's router, its choice is its random init's"
     lines = [f"answer: {r['answer']}", f"configuration: {r['config']} ({r['sa_layers']} SA layer{'s' if r['sa_layers'] != 1 else ''}; {how})"]
     if r["predicted_correct_by_config"]:
         lines.append(f"predicted correctness: {r['predicted_correct']:.2f}; every configuration: " + ", ".join(

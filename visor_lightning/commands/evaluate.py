@@ -29,18 +29,23 @@ def training_run_id(ckpt: Path) -> str | None:
 
 
 def markdown(results: dict[str, dict[str, dict[str, Any]]], dense_gflops: dict[str, float],
-             baselines: dict[str, dict[str, Any]] | None = None) -> str:
+             baselines: dict[str, dict[str, Any]] | None = None, untrained_router: bool = False,
+             notes: list[str] | None = None) -> str:
+    from visor_lightning.lit.module import is_routed
+
     lines = ["| set | target | samples | accuracy % | swapped images % | GFLOPs / sample (mean) | min - max | saving vs dense |",
              "|---|---|---|---|---|---|---|---|"]
     for s, targets in results.items():
         lines.append(f"| {s} | dense (analytic) | | | | {dense_gflops[s]:.3f} | | 1.00x |")
         for t, r in targets.items():
             swapped = f"{100 * r['acc_swapped']:.1f}" if "acc_swapped" in r else "-"
-            lines.append(f"| {s} | {t} | {r['samples']} | {100 * r['acc']:.1f} | {swapped} | {r['gflops']:.3f} | "
+            name = f"{t} (untrained router)" if untrained_router and is_routed(t) else t
+            lines.append(f"| {s} | {name} | {r['samples']} | {100 * r['acc']:.1f} | {swapped} | {r['gflops']:.3f} | "
                          f"{r['gflops_min']:.3f} - {r['gflops_max']:.3f} | {r['saving']:.2f}x |")
     for s, b in (baselines or {}).items():
         lines.append(f"\nQuestion-only baseline on {s}: {100 * b['acc']:.1f}% (majority answer per question, counted on "
                      f"{b['counted_on']}; uniform-answer chance {100 * b['chance']:.1f}%)")
+    lines += [f"\nNote: {n}" for n in notes or []]
     return "\n".join(lines)
 
 
@@ -71,7 +76,7 @@ def run_eval(config: list[str], ckpt: str, *, targets: str = "all", out: str | N
     knob values, one target each (``policy(max_acc_drop=X)``; needs a correctness-trained policy)."""
     from visor_lightning.data.datamodule import SWAPPED
     from visor_lightning.lit.cli import VisorCLI
-    from visor_lightning.lit.module import POLICY
+    from visor_lightning.lit.module import POLICY, is_routed
     from visor_lightning.models.policy import knob_target
 
     ckpt_path = Path(ckpt)
@@ -87,7 +92,16 @@ def run_eval(config: list[str], ckpt: str, *, targets: str = "all", out: str | N
     module, dm, trainer = cli.model, cli.datamodule, cli.trainer
     names = module.schedule.names
     wanted = list(names) if targets == "all" else split_names(targets)
-    if targets == "all" and module.schedule.router_layer is not None:  # a dense model has nothing to route
+    routed = module.schedule.router_layer is not None  # a dense model has nothing to route
+    notes = []
+    if routed and not module.model.policy.trained:  # e.g. universal weights: the router is its random init
+        if targets == "all":
+            notes.append(f"{POLICY}: not scored: no policy stage has trained this model's router "
+                         f"(name it in --configs to score it anyway, labelled untrained)")
+        elif any(is_routed(t) for t in wanted) or max_acc_drop:
+            notes.append(f"{POLICY}: this model's router is untrained (no policy stage has trained it): its rows show "
+                         "what a random router picks")
+    if targets == "all" and routed and module.model.policy.trained:
         wanted.append(POLICY)
     wanted += [knob_target(v) for v in max_acc_drop or [] if knob_target(v) not in wanted]
     module.hparams.eval_configs = wanted
@@ -121,11 +135,13 @@ def run_eval(config: list[str], ckpt: str, *, targets: str = "all", out: str | N
                 results[s][t]["acc_swapped"] = module.eval_results[s + SWAPPED][t]["acc"]
     baselines = {s: baseline_for(s, records, baseline_train) for s in results}
     tokens = {s: v for s, v in module.eval_tokens.items() if not s.endswith(SWAPPED)}
+    untrained = routed and not module.model.policy.trained
     doc = {"config": config, "ckpt": str(ckpt_path), "schedule": module.schedule.describe(), "results": results,
-           "baselines": baselines, "dense_gflops": dense, "tokens": tokens, "samples": records}
+           "baselines": baselines, "dense_gflops": dense, "tokens": tokens, "policy_trained": not untrained,
+           "notes": notes, "samples": records}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(json.dumps(doc, indent=2))
-    table = markdown(results, dense, baselines)
+    table = markdown(results, dense, baselines, untrained_router=untrained, notes=notes)
     (out_dir / "eval.md").write_text(table + "\n")
     doc["table"], doc["out"] = table, str(out_dir)
     doc["mlflow_run_id"] = log_to_mlflow(results, out_dir, run_id, training_run_id(ckpt_path), baselines) if mlflow else None

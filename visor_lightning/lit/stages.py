@@ -218,6 +218,7 @@ class PolicyTraining(VisorLitModule):
         """Training decides what the head's logits mean (saved as visor.json's policy_head). Only training: weights
         loaded to be evaluated or validated keep the head they were trained with, whatever this config's objective."""
         self.model.policy.head = "correctness" if self.hparams.objective == "correctness" else "choice"
+        self.model.policy.trained = True
 
     def eval_targets(self) -> list[str]:
         targets = super().eval_targets()

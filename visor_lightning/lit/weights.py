@@ -27,7 +27,8 @@ CONFIG_FILE = "visor.json"
 def weights_meta(model: VisorModel, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """What ``visor.json`` holds: enough to rebuild exactly this model (also stored inside checkpoints)."""
     return {"backbone": asdict(model.backbone), "schedule": schedule_to_dict(model.schedule),
-            "policy_width": model.policy.mlp[0].out_features, "policy_head": model.policy.head, **(extra or {})}
+            "policy_width": model.policy.mlp[0].out_features, "policy_head": model.policy.head,
+            "policy_trained": model.policy.trained, **(extra or {})}
 
 
 def fp32_state(model: VisorModel) -> dict[str, torch.Tensor]:
@@ -208,6 +209,8 @@ def load_weights(path: str | Path, schedule: LayerSchedule | None = None) -> Vis
         raise ValueError(f"{path}/{WEIGHTS_FILE} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if use.feasible == saved.feasible:  # the trained head's kind (weights written before it was recorded: a classifier)
         model.policy.head = meta.get("policy_head", "choice")
+        # weights written before policy_trained was recorded: only a policy stage trains the policy
+        model.policy.trained = bool(meta.get("policy_trained", meta.get("stage") == "policy"))
     return model
 
 

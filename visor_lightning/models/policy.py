@@ -100,6 +100,7 @@ class Policy(nn.Module):
             raise ValueError(f"policy head must be one of {HEADS}, got {head!r}")
         self.num_configs = num_configs
         self.head = head  # what the logits mean (saved in visor.json as policy_head)
+        self.trained = False  # has a policy stage trained it (visor.json's policy_trained): evaluation skips it if not
         self.norm = StreamNorm(hidden_size)
         self.mlp = nn.Sequential(nn.Linear(2 * hidden_size, width), nn.GELU(), nn.Linear(width, num_configs))
 
