@@ -97,10 +97,30 @@ def test_eval_reports_swapped_accuracy_and_the_baseline(tiny_pipeline, tmp_path,
             assert r["acc_swapped"] == pytest.approx(r["acc"]) and r["samples"] == 16
     b = doc["baselines"]
     assert b["easy"]["counted_on"].endswith("easy_train-manifest.json") and b["easy"]["samples"] == 16
-    assert b["hard"]["counted_on"].startswith("the evaluated set itself")
+    # by default the config's data.train (both training splits), not the evaluated set
+    assert b["hard"]["counted_on"] == f"{data / 'easy_train-manifest.json'}, {data / 'hard_train-manifest.json'}"
+    assert "warning" not in b["hard"] and "WARNING" not in doc["table"]
     assert "swapped images %" in doc["table"] and "Question-only baseline on hard" in doc["table"]
     client = MlflowClient(tiny_pipeline["uri"])
     hist = client.get_metric_history(doc["mlflow_run_id"], "eval/easy/acc_swapped/sa_0")
     assert hist and hist[-1].value == pytest.approx(doc["results"]["easy"]["sa[0]"]["acc_swapped"])
     hist = client.get_metric_history(doc["mlflow_run_id"], "eval/hard/question_only_acc")
     assert hist and hist[-1].value == pytest.approx(b["hard"]["acc"])
+
+
+def test_baseline_warns_when_its_split_never_saw_the_questions(demo_data):
+    """A wrong --baseline-train (another task's split) printed a low number with no warning; the evaluated set itself
+    prints an optimistic one. Both now warn, in the JSON and in the table."""
+    from visor_lightning.commands.evaluate import baseline_for, markdown
+    from visor_lightning.controls import read_qa
+
+    hard = list(read_qa(str(demo_data / "hard_dev-manifest.json")))
+    records = [{"set": "hard", "target": "sa[0]", "swapped": False, "question": q, "answer": a} for q, a in hard]
+    right = baseline_for("hard", records, str(demo_data / "hard_train-manifest.json"))
+    wrong = baseline_for("hard", records, {"hard": str(demo_data / "easy_train-manifest.json")})
+    itself = baseline_for("hard", records, None)
+    assert "warning" not in right and right["unseen_questions"] <= len(hard) // 2
+    assert wrong["unseen_questions"] == len(hard) and f"{len(hard)} of {len(hard)} evaluated questions" in wrong["warning"]
+    assert "optimistic" in itself["warning"]
+    table = markdown({"hard": {}}, {"hard": 1.0}, {"hard": wrong})
+    assert "WARNING: question-only baseline on hard" in table

@@ -45,6 +45,8 @@ def markdown(results: dict[str, dict[str, dict[str, Any]]], dense_gflops: dict[s
     for s, b in (baselines or {}).items():
         lines.append(f"\nQuestion-only baseline on {s}: {100 * b['acc']:.1f}% (majority answer per question, counted on "
                      f"{b['counted_on']}; uniform-answer chance {100 * b['chance']:.1f}%)")
+        if b.get("warning"):
+            lines.append(f"WARNING: question-only baseline on {s}: {b['warning']}")
     lines += [f"\nNote: {n}" for n in notes or []]
     return "\n".join(lines)
 
@@ -133,7 +135,14 @@ def run_eval(config: list[str], ckpt: str, *, targets: str = "all", out: str | N
                              "gflops_max": max(per, default=0.0)}
             if swap:
                 results[s][t]["acc_swapped"] = module.eval_results[s + SWAPPED][t]["acc"]
-    baselines = {s: baseline_for(s, records, baseline_train) for s in results}
+    if dm.train_spec:  # by default the split the model learnt from, not the set scored
+        learnt = list(dm.train_spec) if isinstance(dm.train_spec, (list, tuple)) else dm.train_spec
+        if baseline_train is None:
+            baseline_train = learnt
+        elif isinstance(baseline_train, dict):
+            baseline_train = {s: baseline_train.get(s, learnt) for s in module.eval_results if not s.endswith(SWAPPED)}
+    refs: dict[str, list[tuple[str, str]]] = {}
+    baselines = {s: baseline_for(s, records, baseline_train, refs) for s in results}
     tokens = {s: v for s, v in module.eval_tokens.items() if not s.endswith(SWAPPED)}
     untrained = routed and not module.model.policy.trained
     doc = {"config": config, "ckpt": str(ckpt_path), "schedule": module.schedule.describe(), "results": results,
@@ -148,16 +157,35 @@ def run_eval(config: list[str], ckpt: str, *, targets: str = "all", out: str | N
     return doc
 
 
-def baseline_for(name: str, records: list[dict[str, Any]], train: dict[str, str] | str | None) -> dict[str, Any]:
-    """The question-only baseline of evaluation set ``name`` (its real-image records, one per sample)."""
+UNSEEN_WARN = 0.5  # warn when more than this share of the evaluated questions never occur in the baseline's split
+
+
+def baseline_for(name: str, records: list[dict[str, Any]], train: dict[str, str] | list[str] | str | None,
+                 cache: dict[str, list[tuple[str, str]]] | None = None) -> dict[str, Any]:
+    """The question-only baseline of evaluation set ``name`` (its real-image records, one per sample), counted on
+    ``train`` (one split for every set, or one per set name; ``cache`` keeps a split read once per evaluation).
+    Its ``warning`` says when the number cannot be read as a baseline: counted on the evaluated set itself
+    (optimistic), or most evaluated questions never seen in the split (they all get its overall majority answer)."""
     from visor_lightning.controls import question_only_baseline, read_qa
 
     first = next((r["target"] for r in records if r["set"] == name), None)
     evaluated = [(r["question"], r["answer"]) for r in records if r["set"] == name and not r["swapped"] and r["target"] == first]
     spec = train.get(name) if isinstance(train, dict) else train
     if spec is None:
-        return question_only_baseline(evaluated)
-    return question_only_baseline(evaluated, read_qa(spec), reference_name=str(spec))
+        res = question_only_baseline(evaluated)
+        res["warning"] = ("counted on the evaluated set itself, so optimistic (it has seen the answers it is scored "
+                          "on): the config names no data.train; pass --baseline-train with the training split")
+        return res
+    label = ", ".join(spec) if isinstance(spec, (list, tuple)) else str(spec)
+    cache = {} if cache is None else cache
+    if label not in cache:
+        cache[label] = list(read_qa(spec))
+    res = question_only_baseline(evaluated, cache[label], reference_name=label)
+    if res["unseen_questions"] > UNSEEN_WARN * res["samples"]:
+        res["warning"] = (f"{res['unseen_questions']} of {res['samples']} evaluated questions never occur in {label}, "
+                          "so they all get its overall majority answer: is it the split these questions come from? "
+                          "(--baseline-train SET=SHARDS)")
+    return res
 
 
 def log_to_mlflow(results: dict[str, dict[str, dict[str, Any]]], out_dir: Path, run_id: str | None,
@@ -224,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-swap", action="store_true", help="skip the swapped-image control (each set is read once)")
     p.add_argument("--baseline-train", action="append", default=[], metavar="[SET=]SHARDS",
                    help="training split for the question-only baseline (manifest, glob), for every set or for SET; "
-                   "default: counted on the evaluated set itself")
+                   "default: the config's data.train (the evaluated set itself, with a warning, if it has none)")
     p.add_argument("--json", action="store_true", help="print the JSON document instead of the table")
     return p
 
