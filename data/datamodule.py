@@ -81,7 +81,10 @@ class VisorDataModule(pl.LightningDataModule):
 
     Args:
         train: training shards (glob, brace pattern, manifest, URL, or a list of these).
-        val: named evaluation shard sets, e.g. ``{easy: data/easy-test-*.tar, hard: ...}``; one loader each.
+        val: named development sets, e.g. ``{easy: data/easy-dev-*.tar, hard: ...}``; one loader each. Validation
+            during training and ``visor eval`` read them (tune on these).
+        test: named held-out sets, same form; read only by ``visor test`` and ``visor eval --sets test`` (never
+            during training).
         tokenizer: tokenizer directory; defaults to ``backbone.pretrained`` (the checkpoint's own).
         backbone: the model's shapes (image token id, crop size, pinpoints -> visual tokens per image).
         image_processor: directory with a ``preprocessor_config.json``; default: the checkpoint's, else built
@@ -107,6 +110,7 @@ class VisorDataModule(pl.LightningDataModule):
         self,
         train: str | list[str] | None = None,
         val: dict[str, str | list[str]] | None = None,
+        test: dict[str, str | list[str]] | None = None,
         tokenizer: str | None = None,
         backbone: BackboneSpec | None = None,
         image_processor: str | None = None,
@@ -125,7 +129,8 @@ class VisorDataModule(pl.LightningDataModule):
         super().__init__()
         if batch_size < 1 or batches_per_epoch < 1 or num_workers < 0:
             raise ValueError("data: batch_size and batches_per_epoch must be >= 1, num_workers >= 0")
-        self.train_spec, self.val_spec = train, dict(val or {})
+        self.train_spec, self.val_spec, self.test_spec = train, dict(val or {}), dict(test or {})
+        self.eval_split = "val"  # which sets evaluation reads: "val" (data.val) or "test" (data.test)
         self.backbone = backbone  # None: the LightningModule's (``.spec``) at setup time
         self.tokenizer_path, self.image_processor_path = tokenizer, image_processor
         if backbone is not None and tokenizer is None and backbone.pretrained is None:
@@ -165,10 +170,28 @@ class VisorDataModule(pl.LightningDataModule):
             self.val_stats = {k: SkipStats(self.strict, max_workers=max(1, self.num_workers)) for k in self.val_urls}
 
     @property
+    def eval_spec(self) -> dict[str, str | list[str]]:
+        """The sets evaluation reads: ``data.val``, or ``data.test`` once ``eval_split`` is "test"."""
+        return self.test_spec if self.eval_split == "test" else self.val_spec
+
+    def use_split(self, split: str) -> None:
+        """Evaluate on ``data.val`` ("val") or ``data.test`` ("test"; its shards are resolved here, not before)."""
+        if split not in ("val", "test"):
+            raise ValueError(f"evaluation sets must be 'val' (data.val) or 'test' (data.test), got {split!r}")
+        if split == "test":
+            if not self.test_spec:
+                raise ValueError("data.test is not set: name the held-out sets in the config (data.test: {name: "
+                                 "manifest, ...}) or pass --data.test '{name: manifest}'")
+            if not hasattr(self, "test_urls"):
+                self.test_urls = {k: resolve_shards(v, field=f"data.test.{k}") for k, v in self.test_spec.items()}
+                self.test_stats = {k: SkipStats(self.strict, max_workers=max(1, self.num_workers)) for k in self.test_urls}
+        self.eval_split = split
+
+    @property
     def val_names(self) -> list[str]:
         """The evaluation sets in loader order: each ``data.val`` set, then (under ``swap_images``) its copy with
         every sample's image swapped for another sample's (the vision-dependence control)."""
-        names = list(self.val_spec)
+        names = list(self.eval_spec)
         return names + [n + SWAPPED for n in names] if self.swap_images else names
 
     @property
@@ -195,20 +218,23 @@ class VisorDataModule(pl.LightningDataModule):
 
     def _eval_loaders(self) -> list[StreamLoader]:
         self.setup("validate")
+        urls_by_set, stats = (self.test_urls, self.test_stats) if self.eval_split == "test" else (self.val_urls, self.val_stats)
         loaders = [
-            StreamLoader(self._stream(urls, False, self.val_stats[name], self.eval_batch_size), num_workers=self.num_workers)
-            for name, urls in self.val_urls.items()
+            StreamLoader(self._stream(urls, False, stats[name], self.eval_batch_size), num_workers=self.num_workers)
+            for name, urls in urls_by_set.items()
         ]
         if self.swap_images:  # the same shards again; their reads are counted in the real set's stats
             loaders += [StreamLoader(self._stream(urls, False, SkipStats(self.strict, max_workers=max(1, self.num_workers)),
                                                   self.eval_batch_size, swap=True), num_workers=self.num_workers)
-                        for urls in self.val_urls.values()]
+                        for urls in urls_by_set.values()]
         return loaders
 
     def val_dataloader(self) -> list[StreamLoader]:
         return self._eval_loaders()
 
     def test_dataloader(self) -> list[StreamLoader]:
+        """``visor test``: the held-out ``data.test`` sets (metrics under ``test/``)."""
+        self.use_split("test")
         return self._eval_loaders()
 
     def skip_counts(self) -> dict[str, Any]:
@@ -218,5 +244,7 @@ class VisorDataModule(pl.LightningDataModule):
             out["train"] = self.train_stats.counts()
         for k, s in self.val_stats.items():
             out[f"val/{k}"] = s.counts()
+        for k, s in getattr(self, "test_stats", {}).items():
+            out[f"test/{k}"] = s.counts()
         out["total"] = merge_counts(*out.values())
         return out

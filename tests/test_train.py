@@ -248,9 +248,16 @@ def test_validate_and_test_score_a_stages_weights(tiny_pipeline, monkeypatch, tm
                    "--model.init_args.eval_configs", "all"])
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
     prefix = "val" if command == "validate" else "test"
-    for family in ("easy", "hard"):  # every feasible configuration scored on both development sets
+    for family in ("easy", "hard"):  # every feasible configuration scored on both sets
         for config in ("sa", "sa_0", "sa_0_3", "sa_0_3_5"):
             assert 0.0 <= metrics[f"{prefix}/{family}/acc/{config}"] <= 1.0, sorted(metrics)
+    # validate reads the development sets (data.val), test the held-out ones (data.test), and nothing else
+    dm = cli.datamodule
+    read = {split: {k: s.read for k, s in getattr(dm, f"{split}_stats", {}).items()} for split in ("val", "test")}
+    other = "test" if prefix == "val" else "val"
+    assert read[prefix] == {"easy": 16, "hard": 16} and not any(read[other].values()), read
+    urls = dm.test_urls if prefix == "test" else dm.val_urls
+    assert all(f"{family}_{'test' if prefix == 'test' else 'dev'}-" in u for family in ("easy", "hard") for u in urls[family])
 
 
 @pytest.mark.slow

@@ -233,3 +233,38 @@ def test_eval_does_not_score_an_untrained_router_as_a_policy(tiny_pipeline, tmp_
     finally:
         for k, v in old.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def test_eval_scores_the_held_out_sets_with_sets_test(tiny_pipeline, tmp_path):
+    """`visor eval --sets test` reads the config's data.test (the demo's configs name easy_test/hard_test), logs
+    under eval_test/ and writes beside eval/ rather than over it; a config without data.test says what to add."""
+    from mlflow import MlflowClient
+
+    from visor_lightning.commands.evaluate import build_parser
+    from visor_lightning.controls import read_qa
+
+    out, data = tiny_pipeline["out"], tiny_pipeline["data"]
+    env = {"VISOR_DATA": str(data), "MLFLOW_TRACKING_URI": tiny_pipeline["uri"]}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        assert build_parser().parse_args(["--config", "c", "--ckpt", "w", "--sets", "test"]).sets == "test"
+        cfg = [str(ROOT / "experiments/debug/stage4_router.yaml")]
+        weights = out / "router" / "weights"
+        dev = run_eval(cfg, str(weights), targets="sa[0]", swap=False, out=str(tmp_path / "dev"))
+        held = run_eval(cfg, str(weights), targets="sa[0]", swap=False, sets="test")
+        assert (dev["sets"], held["sets"]) == ("val", "test") and held["out"] == str(out / "router" / "eval_test")
+        for s in ("easy", "hard"):
+            ids = {split: sorted(r["id"] for r in d["samples"] if r["set"] == s and r["target"] == "sa[0]")
+                   for split, d in (("dev", dev), ("test", held))}
+            assert ids["test"] and not set(ids["test"]) & set(ids["dev"]), s
+            assert len(ids["test"]) == len(list(read_qa(str(data / f"{s}_test-manifest.json"))))
+        run = MlflowClient(tiny_pipeline["uri"]).get_run(held["mlflow_run_id"])
+        assert "eval_test/hard/acc/sa_0" in run.data.metrics and "eval/hard/acc/sa_0" in run.data.metrics
+        bare = tmp_path / "no_test.yaml"
+        bare.write_text((ROOT / "experiments/debug/stage4_router.yaml").read_text().replace("\n  test:", "\n  # test:"))
+        with pytest.raises(ValueError, match="data.test is not set"):
+            run_eval([str(bare)], str(weights), targets="sa[0]", swap=False, sets="test", mlflow=False)
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)

@@ -71,11 +71,12 @@ def parse_knobs(text: str | None) -> list[float]:
 def run_eval(config: list[str], ckpt: str, *, targets: str = "all", out: str | None = None, run_id: str | None = None,
              extra: list[str] | None = None, swap: bool = True,
              baseline_train: dict[str, str] | str | None = None, max_acc_drop: list[float] | None = None,
-             mlflow: bool = True) -> dict[str, Any]:
+             mlflow: bool = True, sets: str = "val") -> dict[str, Any]:
     """Score every target on every ``data.val`` set; with ``swap`` also on each set's swapped-image copy
     (``acc_swapped``), and the question-only baseline per set (``baseline_train``: a training split for all
     sets, or one per set name; else counted on the set itself). ``max_acc_drop``: the router at each of these
-    knob values, one target each (``policy(max_acc_drop=X)``; needs a correctness-trained policy)."""
+    knob values, one target each (``policy(max_acc_drop=X)``; needs a correctness-trained policy). ``sets``:
+    "val" scores ``data.val`` (development sets), "test" the held-out ``data.test``."""
     from visor_lightning.data.datamodule import SWAPPED
     from visor_lightning.lit.cli import VisorCLI
     from visor_lightning.lit.module import POLICY, is_routed
@@ -84,7 +85,7 @@ def run_eval(config: list[str], ckpt: str, *, targets: str = "all", out: str | N
     ckpt_path = Path(ckpt)
     if not ckpt_path.exists():
         raise FileNotFoundError(f"--ckpt {ckpt}: no such file or directory")
-    out_dir = Path(out) if out else (ckpt_path.parent if ckpt_path.is_dir() else ckpt_path.parent) / "eval"
+    out_dir = Path(out) if out else ckpt_path.parent / ("eval" if sets == "val" else "eval_test")
     args: list[str] = []
     for c in config:
         args += ["--config", c]
@@ -92,6 +93,7 @@ def run_eval(config: list[str], ckpt: str, *, targets: str = "all", out: str | N
              "--mlflow", "false", *(extra or [])]
     cli = VisorCLI(args=args, run=False)
     module, dm, trainer = cli.model, cli.datamodule, cli.trainer
+    dm.use_split(sets)
     names = module.schedule.names
     wanted = list(names) if targets == "all" else split_names(targets)
     routed = module.schedule.router_layer is not None  # a dense model has nothing to route
@@ -110,9 +112,9 @@ def run_eval(config: list[str], ckpt: str, *, targets: str = "all", out: str | N
     module.eval_targets()  # unknown names fail here, before any data is read
     module.sample_records = []
     if isinstance(baseline_train, dict):
-        unknown = set(baseline_train) - set(dm.val_spec)
+        unknown = set(baseline_train) - set(dm.eval_spec)
         if unknown:
-            raise ValueError(f"--baseline-train names {sorted(unknown)}, not evaluation sets {list(dm.val_spec)}")
+            raise ValueError(f"--baseline-train names {sorted(unknown)}, not evaluation sets {list(dm.eval_spec)}")
     dm.swap_images = swap
     module.score_loss = False  # eval.json reports answers, not the teacher-forced loss: one forward pass less
     trainer.validate(module, datamodule=dm, verbose=False)  # eval.md is the table
@@ -145,7 +147,7 @@ def run_eval(config: list[str], ckpt: str, *, targets: str = "all", out: str | N
     baselines = {s: baseline_for(s, records, baseline_train, refs) for s in results}
     tokens = {s: v for s, v in module.eval_tokens.items() if not s.endswith(SWAPPED)}
     untrained = routed and not module.model.policy.trained
-    doc = {"config": config, "ckpt": str(ckpt_path), "schedule": module.schedule.describe(), "results": results,
+    doc = {"config": config, "ckpt": str(ckpt_path), "sets": sets, "schedule": module.schedule.describe(), "results": results,
            "baselines": baselines, "dense_gflops": dense, "tokens": tokens, "policy_trained": not untrained,
            "notes": notes, "samples": records}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -153,7 +155,8 @@ def run_eval(config: list[str], ckpt: str, *, targets: str = "all", out: str | N
     table = markdown(results, dense, baselines, untrained_router=untrained, notes=notes)
     (out_dir / "eval.md").write_text(table + "\n")
     doc["table"], doc["out"] = table, str(out_dir)
-    doc["mlflow_run_id"] = log_to_mlflow(results, out_dir, run_id, training_run_id(ckpt_path), baselines) if mlflow else None
+    doc["mlflow_run_id"] = (log_to_mlflow(results, out_dir, run_id, training_run_id(ckpt_path), baselines,
+                                          prefix="eval" if sets == "val" else "eval_test") if mlflow else None)
     return doc
 
 
@@ -189,9 +192,9 @@ def baseline_for(name: str, records: list[dict[str, Any]], train: dict[str, str]
 
 
 def log_to_mlflow(results: dict[str, dict[str, dict[str, Any]]], out_dir: Path, run_id: str | None,
-                  found: str | None, baselines: dict[str, dict[str, Any]] | None = None) -> str:
+                  found: str | None, baselines: dict[str, dict[str, Any]] | None = None, prefix: str = "eval") -> str:
     """Into ``run_id`` (must exist), else the training run ``found`` beside the checkpoint if this store has it,
-    else a new run in experiment ``visor-eval``."""
+    else a new run in experiment ``visor-eval``. Metrics are ``{prefix}/<set>/...`` (``eval_test`` for held-out sets)."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -221,23 +224,25 @@ def log_to_mlflow(results: dict[str, dict[str, dict[str, Any]]], out_dir: Path, 
     for s, targets in results.items():
         for t, r in targets.items():
             k = metric_key(t)
-            client.log_metric(run_id, f"eval/{s}/acc/{k}", r["acc"])
-            client.log_metric(run_id, f"eval/{s}/gflops/{k}", r["gflops"])
-            client.log_metric(run_id, f"eval/{s}/flops_saving/{k}", r["saving"])
+            client.log_metric(run_id, f"{prefix}/{s}/acc/{k}", r["acc"])
+            client.log_metric(run_id, f"{prefix}/{s}/gflops/{k}", r["gflops"])
+            client.log_metric(run_id, f"{prefix}/{s}/flops_saving/{k}", r["saving"])
             if "acc_swapped" in r:
-                client.log_metric(run_id, f"eval/{s}/acc_swapped/{k}", r["acc_swapped"])
+                client.log_metric(run_id, f"{prefix}/{s}/acc_swapped/{k}", r["acc_swapped"])
     for s, b in (baselines or {}).items():
-        client.log_metric(run_id, f"eval/{s}/question_only_acc", b["acc"])
-        client.log_metric(run_id, f"eval/{s}/answer_chance", b["chance"])
-    client.log_artifact(run_id, str(out_dir / "eval.json"), "eval")
-    client.log_artifact(run_id, str(out_dir / "eval.md"), "eval")
+        client.log_metric(run_id, f"{prefix}/{s}/question_only_acc", b["acc"])
+        client.log_metric(run_id, f"{prefix}/{s}/answer_chance", b["chance"])
+    client.log_artifact(run_id, str(out_dir / "eval.json"), prefix)
+    client.log_artifact(run_id, str(out_dir / "eval.md"), prefix)
     return run_id
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="visor eval", description=__doc__.split("\n\n")[0],
                                 epilog="Arguments after `--` go to the stage config, e.g. -- --data.eval_batch_size 8")
-    p.add_argument("--config", action="append", required=True, help="stage YAML whose data.val sets are evaluated")
+    p.add_argument("--config", action="append", required=True, help="stage YAML whose data.val (or data.test) sets are evaluated")
+    p.add_argument("--sets", choices=["val", "test"], default="val",
+                   help="val: the config's data.val development sets (default); test: its held-out data.test sets")
     p.add_argument("--ckpt", required=True, help="weights/ directory, .ckpt file or DeepSpeed checkpoint directory")
     p.add_argument("--configs", default="all", help="'all' (every feasible configuration + policy) or names, comma-separated; "
                    "on a dense model also the FastV peer, fastv(k=K,r=R)")
@@ -245,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a router trained with objective correctness, at each knob value (one row each): the cheapest "
                    "configuration whose predicted accuracy is at most X below the maximal one's (0 = strictest, 1 = "
                    "always the cheapest), e.g. 0,0.02,0.05,0.1")
-    p.add_argument("--out", default=None, help="where eval.json / eval.md go (default: <ckpt dir>/eval)")
+    p.add_argument("--out", default=None, help="where eval.json / eval.md go (default: <ckpt dir>/eval, or eval_test "
+                   "with --sets test)")
     p.add_argument("--run-id", default=None, help="MLflow run to log into (default: the run that wrote --ckpt)")
     p.add_argument("--mlflow", choices=["true", "false"], default="true",
                    help="false: write eval.json / eval.md only, log nothing to MLflow (default true)")
@@ -280,7 +286,7 @@ def eval_main(argv: list[str]) -> int:
         try:
             doc = run_eval(a.config, a.ckpt, targets=a.configs, out=a.out, run_id=a.run_id, extra=extra,
                            swap=not a.no_swap, baseline_train=parse_baseline_train(a.baseline_train),
-                           max_acc_drop=parse_knobs(a.max_acc_drop), mlflow=a.mlflow == "true")
+                           max_acc_drop=parse_knobs(a.max_acc_drop), mlflow=a.mlflow == "true", sets=a.sets)
         except (FileNotFoundError, ValueError) as e:
             print(f"visor eval: error: {e}", file=sys.stderr)
             return 2

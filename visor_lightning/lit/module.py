@@ -355,6 +355,7 @@ class VisorLitModule(pl.LightningModule):
         self._setup_metrics()
 
     def on_test_start(self) -> None:
+        self._metrics_ready = False  # the test sets are other sets than validation's
         self._setup_metrics()
 
     def _tokenizer(self):
