@@ -124,7 +124,7 @@ def test_flops_json_for_05b(capsys):
     [
         ("model:\n  backbone:\n    text:\n      hiden_size: 8\n", "hiden_size"),
         ("model:\n  backbone:\n    text:\n      num_layers: many\n", "num_layers"),
-        ("model:\n  schedul: {}\n", r"model\.\['schedul'\]"),
+        ("model:\n  schedul: {}\n", r"line 2: unknown key model\.schedul \(did you mean model\.schedule\?\)"),
         ("model:\n  schedule:\n    ca_layers: [1, 99]\n", "schedule.ca_layers"),
         ("trainer: {}\n", "no 'model:' section"),
         ("model:\n  backbone:\n    pretrained: /nonexistent/llava\n", "config.json"),

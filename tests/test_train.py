@@ -45,7 +45,7 @@ def test_fit_args_reach_training_only_and_multi_process_stages_run_as_their_own_
     assert launches_processes(["fit", "--trainer.num_nodes", "2"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("out: x\nstages:\n  - {name: a, config: experiments/debug/stage0_base.yaml, fitargs: {x: 1}}\n")
-    with pytest.raises(ValueError, match=r"stages\[0\] needs name and config \(optional: from, args, fit_args\); unknown \['fitargs'\]"):
+    with pytest.raises(ValueError, match=r"bad.yaml line 3: unknown key stages\[0\].fitargs \(did you mean stages\[0\].fit_args\?\)"):
         load_pipeline(bad)
 
 

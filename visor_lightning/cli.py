@@ -9,6 +9,7 @@ from typing import TextIO
 
 from .commands.args import add_data_build_args, add_workload_args, grid, positive
 from .commands.json_out import emit, stdout_for_json
+from .errors import report
 from .quiet import quiet_third_party
 
 
@@ -491,8 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return handlers[args.command](args, out)  # out: where a --json document goes (stdout itself)
         except (ValueError, FileNotFoundError, FileExistsError) as e:
-            print(f"visor {args.command}: error: {e}", file=sys.stderr)
-            return 2
+            return report(args.command, e)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,12 @@ def load_model_section(path: str | Path) -> ModelSection:
     model: Any = raw.get("model") if raw is not None else None
     if model is None:
         raise ValueError(f"{path}: no 'model:' section")
+    from .config_check import check_model_keys, check_stage_args
+
+    if "class_path" in model:
+        check_stage_args(["--config", str(path)])  # every unknown key at once, with its line and a near miss
+    else:
+        check_model_keys(path)
     stage = None
     keys = {"backbone", "schedule", "policy_width"}
     if "class_path" in model:  # a LightningCLI stage config: the model's shapes sit in init_args

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from visor_lightning.errors import report
+
 
 def run_ask(weights: str, processor: str, image: str, question: str, *, target: str = "policy",
             max_acc_drop: float | None = None, max_new_tokens: int = 16) -> dict[str, Any]:
@@ -83,8 +85,7 @@ def ask_main(argv: list[str]) -> int:
             res = run_ask(a.weights, a.processor, a.image, a.question, target=a.config, max_acc_drop=a.max_acc_drop,
                           max_new_tokens=a.max_new_tokens)
         except (FileNotFoundError, ValueError) as e:
-            print(f"visor ask: error: {e}", file=sys.stderr)
-            return 2
+            return report("ask", e)
         if a.json:
             emit(res, out)
             return 0

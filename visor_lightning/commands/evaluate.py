@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from visor_lightning.errors import report
 from visor_lightning.lit.tracking import RUN_ID_FILE
 
 
@@ -288,8 +289,7 @@ def eval_main(argv: list[str]) -> int:
                            swap=not a.no_swap, baseline_train=parse_baseline_train(a.baseline_train),
                            max_acc_drop=parse_knobs(a.max_acc_drop), mlflow=a.mlflow == "true", sets=a.sets)
         except (FileNotFoundError, ValueError) as e:
-            print(f"visor eval: error: {e}", file=sys.stderr)
-            return 2
+            return report("eval", e)
         if a.json:
             emit({k: v for k, v in doc.items() if k != "table"}, out)
             return 0

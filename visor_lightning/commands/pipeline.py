@@ -17,11 +17,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from visor_lightning.config_check import key_problems, raise_problems, stage_problems
+from visor_lightning.errors import report
 from visor_lightning.lit.tracking import METRICS_ENV, PARENT_ENV, code_version, ensure_experiment, run_name, tracking_uri
 from visor_lightning.models.policy import check_knob, knob_target
 
 STAGE_KEYS = {"name", "config", "from", "args", "fit_args"}
 SUMMARY_KEYS = {"dense", "dense_long", "visor", "fastv", "eval", "max_acc_drop"}
+PIPELINE_SCHEMA = {  # the keys a pipeline YAML may hold (visor_lightning.config_check; None: not checked below)
+    "out": None, "experiment": None, "data": {"dir": None, "builds": None, "tokenizer": None},
+    "stages": {"*": dict.fromkeys(STAGE_KEYS)},
+    "summary": {**dict.fromkeys(SUMMARY_KEYS), "dense_long": {"stage": None, "as_long_as": None},
+                "eval": {"sets": None, "baseline_train": None}, "fastv": None},
+}
 
 
 def load_pipeline(path: str | Path) -> dict[str, Any]:
@@ -31,15 +39,15 @@ def load_pipeline(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"pipeline config {str(path)!r} does not exist")
     cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    problems = key_problems(path, PIPELINE_SCHEMA)
+    for i, st in enumerate(cfg.get("stages") or []):  # each stage's config and args, all reported at once
+        if isinstance(st, dict) and Path(str(st.get("config"))).is_file():
+            problems += stage_problems(["--config", st["config"], *own_args(st), *own_args(st, "fit_args")],
+                                       where=f"{path}: stages[{i}] ({st.get('name')}) args")
+    raise_problems(problems)
     for key in ("out", "stages"):
         if key not in cfg:
             raise ValueError(f"{path}: missing top-level key {key!r}")
-    unknown = set(cfg) - {"out", "experiment", "data", "stages", "summary"}
-    if unknown:
-        raise ValueError(f"{path}: unknown top-level key(s) {sorted(unknown)}")
-    bad = set(cfg.get("summary") or {}) - SUMMARY_KEYS
-    if bad:
-        raise ValueError(f"{path}: unknown key(s) summary.{sorted(bad)}; expected {sorted(SUMMARY_KEYS)}")
     every = [st.get("name") for st in cfg["stages"]]  # all stage names (the loop below checks order)
     sm = cfg.get("summary") or {}
     long = sm.get("dense_long")
@@ -53,9 +61,6 @@ def load_pipeline(path: str | Path) -> dict[str, Any]:
         [check_knob(v) for v in sm.get("max_acc_drop") or []]
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: summary.max_acc_drop must be a list of knob values in [0, 1]: {e}") from None
-    bad = set(sm.get("eval") or {}) - {"sets", "baseline_train"}
-    if bad:
-        raise ValueError(f"{path}: unknown key(s) summary.eval.{sorted(bad)}; expected sets, baseline_train")
     names = []
     for i, st in enumerate(cfg["stages"]):
         bad = set(st) - STAGE_KEYS
@@ -188,9 +193,9 @@ def pipeline_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     try:
         cfg = load_pipeline(args.config)
+        raise_problems(stage_problems(shlex.split(args.stage_args), where="--stage-args"))
     except (ValueError, FileNotFoundError) as e:
-        print(f"visor pipeline: error: {e}")
-        return 2
+        return report("pipeline", e)
     return run_pipeline(cfg, restart=args.restart, only_data=args.only_data, extra=shlex.split(args.stage_args))
 
 

@@ -29,6 +29,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from visor_lightning.errors import report
 from visor_lightning.lit.tracking import tracking_uri
 
 SAFE = re.compile(r"^[A-Za-z0-9_.:,+=@/-]+$")  # what #SBATCH values may hold (sbatch reads them without a shell)
@@ -67,6 +68,12 @@ def validate(spec: JobSpec, *, check_cluster: bool) -> None:
     for c in spec.configs:
         if not Path(c).is_file():
             raise SubmitError(f"--config {c}: no such file")
+    from visor_lightning.config_check import ConfigError, check_stage_args
+
+    try:  # every unknown key of the configs and the `--` arguments at once, before visor fit parses them
+        check_stage_args([a for c in spec.configs for a in ("--config", c)] + list(spec.fit_args))
+    except ConfigError as e:
+        raise SubmitError(str(e)) from None
     if spec.nodes < 1:
         raise SubmitError(f"--nodes {spec.nodes}: need at least 1 node")
     if spec.gpus_per_node < 0:
@@ -251,8 +258,7 @@ def submit_main(argv: list[str]) -> int:
     try:
         job_id, job_dir, script = submit(spec, dry_run=a.dry_run)
     except SubmitError as e:
-        print(f"visor submit: error: {e}", file=sys.stderr)
-        return 2
+        return report("submit", e)
     if a.dry_run:
         print(script, end="")
         return 0

@@ -128,8 +128,12 @@ class VisorCLI(LightningCLI):
         before any model is built."""
         from jsonargparse import ArgumentError
 
+        from visor_lightning.config_check import check_stage_args
+
         for p in [parser, *getattr(self, "_subcommand_parsers", {}).values()]:
             p.exit_on_error = False
+        if "--help" not in (args or sys.argv) and "-h" not in (args or sys.argv):
+            check_stage_args(list(sys.argv[1:] if args is None else args))  # every unknown key at once, with its line
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as e:
@@ -261,7 +265,8 @@ def run_cli(args: list[str] | None) -> VisorCLI:
         # traceback; VISOR_TRACEBACK=1 shows it. The pipeline and the tests (args given) get the exception itself.
         if args is not None or os.environ.get("VISOR_TRACEBACK"):
             raise
+        from visor_lightning.errors import HINT
+
         cmd = (sys.argv[1:2] or ["fit"])[0]
-        print(f"visor {cmd}: error: {user_message(e)}\n(set VISOR_TRACEBACK=1 to see where it was raised)",
-              file=sys.stderr)
+        print(f"visor {cmd}: error: {user_message(e)}\n{HINT}", file=sys.stderr)
         raise SystemExit(2) from None
