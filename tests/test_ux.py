@@ -268,3 +268,32 @@ def test_eval_scores_the_held_out_sets_with_sets_test(tiny_pipeline, tmp_path):
     finally:
         for k, v in old.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def test_eval_of_a_checkpoint_outside_the_store_gets_a_named_tagged_run(tiny_pipeline, tmp_path):
+    """Weights whose training run is not in this store: a new run in `visor-eval` named after their stage, tagged
+    with the config and checkpoint paths (it was `visor-eval-eval-<commit>` with no tags, for every checkpoint)."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    out = tiny_pipeline["out"]
+    store = f"sqlite:///{tmp_path / 'other.db'}"  # a store that has none of the pipeline's runs
+    env = {"VISOR_DATA": str(tiny_pipeline["data"]), "MLFLOW_TRACKING_URI": store}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        weights = tmp_path / "copy" / "weights"
+        shutil.copytree(out / "universal" / "weights", weights)
+        cfg = str(out / "universal" / "config.yaml")
+        ids = [run_eval([cfg], str(weights), targets="sa[0]", swap=False, out=str(tmp_path / s), sets=s)["mlflow_run_id"]
+               for s in ("val", "test")]
+        runs = [MlflowClient(store).get_run(i) for i in ids]
+        assert [r.info.run_name.rsplit("-", 1)[0] for r in runs] == ["visor-eval-universal", "visor-eval-universal-test"]
+        for r, s in zip(runs, ("val", "test")):
+            tags = r.data.tags
+            assert (tags["eval.stage"], tags["eval.sets"]) == ("universal", s)
+            assert tags["eval.ckpt"] == str(weights.resolve()) and tags["eval.config"] == str(Path(cfg).resolve())
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)

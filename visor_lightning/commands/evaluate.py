@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from visor_lightning.errors import report
-from visor_lightning.lit.tracking import RUN_ID_FILE
+from visor_lightning.lit.tracking import RUN_ID_FILE, code_version
 
 
 def training_run_id(ckpt: Path) -> str | None:
@@ -156,12 +156,24 @@ def run_eval(config: list[str], ckpt: str, *, targets: str = "all", out: str | N
     table = markdown(results, dense, baselines, untrained_router=untrained, notes=notes)
     (out_dir / "eval.md").write_text(table + "\n")
     doc["table"], doc["out"] = table, str(out_dir)
+    stage = _checkpoint_stage(ckpt_path) or module.stage
+    tags = {"stage": "eval", "eval.stage": stage, "eval.config": ", ".join(str(Path(c).resolve()) for c in config),
+            "eval.ckpt": str(ckpt_path.resolve()), "eval.sets": sets, "git_commit": code_version()[0]}
     doc["mlflow_run_id"] = (log_to_mlflow(results, out_dir, run_id, training_run_id(ckpt_path), baselines,
-                                          prefix="eval" if sets == "val" else "eval_test") if mlflow else None)
+                                          prefix="eval" if sets == "val" else "eval_test",
+                                          name=stage if sets == "val" else f"{stage}-test", tags=tags) if mlflow else None)
     return doc
 
 
 UNSEEN_WARN = 0.5  # warn when more than this share of the evaluated questions never occur in the baseline's split
+
+
+def _checkpoint_stage(ckpt: Path) -> str | None:
+    """The stage that wrote a weights/ directory (its visor.json), or None (a .ckpt: the config's stage is used)."""
+    meta = ckpt / "visor.json"
+    if meta.is_file():
+        return json.loads(meta.read_text()).get("stage")
+    return None
 
 
 def baseline_for(name: str, records: list[dict[str, Any]], train: dict[str, str] | list[str] | str | None,
@@ -193,9 +205,12 @@ def baseline_for(name: str, records: list[dict[str, Any]], train: dict[str, str]
 
 
 def log_to_mlflow(results: dict[str, dict[str, dict[str, Any]]], out_dir: Path, run_id: str | None,
-                  found: str | None, baselines: dict[str, dict[str, Any]] | None = None, prefix: str = "eval") -> str:
+                  found: str | None, baselines: dict[str, dict[str, Any]] | None = None, prefix: str = "eval",
+                  name: str = "eval", tags: dict[str, str] | None = None) -> str:
     """Into ``run_id`` (must exist), else the training run ``found`` beside the checkpoint if this store has it,
-    else a new run in experiment ``visor-eval``. Metrics are ``{prefix}/<set>/...`` (``eval_test`` for held-out sets)."""
+    else a new run in experiment ``visor-eval``, named ``visor-eval-<name>-<commit>`` (``name``: the checkpoint's
+    stage) and tagged with ``tags`` (config and checkpoint paths). Metrics are ``{prefix}/<set>/...`` (``eval_test``
+    for held-out sets)."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -220,7 +235,8 @@ def log_to_mlflow(results: dict[str, dict[str, dict[str, Any]]], out_dir: Path, 
         else:
             print(f"[visor eval] the checkpoint's training run {found} is not in {uri}; logging to a new run")
     if run_id is None:
-        run_id = client.create_run(ensure_experiment(client, "visor-eval"), run_name=run_name("visor-eval", "eval")).info.run_id
+        run_id = client.create_run(ensure_experiment(client, "visor-eval"), run_name=run_name("visor-eval", name),
+                                   tags=tags or {}).info.run_id
         client.set_terminated(run_id)
     for s, targets in results.items():
         for t, r in targets.items():
