@@ -37,5 +37,6 @@ def export_hf(directory: str, split: str, out: str, hf_split: str = "test") -> d
                                   "question": datasets.Value("string"), "answer": datasets.Value("string"),
                                   "task": datasets.Value("string"), "subset": datasets.Value("string")})
     ds = datasets.Dataset.from_list(rows, features=features)
-    datasets.DatasetDict({hf_split: ds}).save_to_disk(out)
+    # one arrow file per split, at a fixed name: the lmms-eval tasks read it as data_files (experiments/lmms_eval)
+    datasets.DatasetDict({hf_split: ds}).save_to_disk(out, num_shards={hf_split: 1})
     return {"split": split, "rows": len(rows), "skipped": stats.skipped(), "out": str(Path(out)), "hf_split": hf_split}

@@ -22,18 +22,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_lmms_eval_cli_equals_visor_eval(tiny_pipeline, tmp_path):
+    import shutil
+
     out, data = tiny_pipeline["out"], tiny_pipeline["data"]
-    work = tmp_path / "work"
+    # the repository's layout (experiments/lmms_eval beside runs/lmms_data) in a copy, and lmms-eval run from a third
+    # directory: the tasks find their data from any working directory (they failed outside the repository root)
+    repo, work = tmp_path / "repo", tmp_path / "elsewhere"
+    shutil.copytree(ROOT / "experiments/lmms_eval", repo / "experiments/lmms_eval")
+    work.mkdir()
     for fam in ("easy", "hard"):
         assert main(["data", "export-hf", "--dir", str(data), "--split", f"{fam}_test",
-                     "--out", str(work / "visor_lmms_data" / f"{fam}_test")]) == 0
+                     "--out", str(repo / "runs/lmms_data" / f"{fam}_test")]) == 0
     weights, target = out / "universal" / "weights", "sa[0,3]"
     lmms = Path(sys.executable).with_name("lmms-eval")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     proc = subprocess.run([str(lmms), "--model", "visor", "--model_args",
                            f"weights={weights},processor={out / 'base' / 'hf'},target={target}",
                            "--tasks", "visor_demo_easy,visor_demo_hard", "--batch_size", "8",
-                           "--include_path", str(ROOT / "experiments/lmms_eval"), "--output_path", str(work / "out"),
+                           "--include_path", str(repo / "experiments/lmms_eval"), "--output_path", str(work / "out"),
                            "--log_samples"], cwd=work, env=env, capture_output=True, text=True, timeout=900)
     results = sorted((work / "out").rglob("*_results.json"))
     assert proc.returncode == 0 and results, proc.stdout[-3000:] + proc.stderr[-3000:]
