@@ -121,10 +121,12 @@ def test_unreachable_mlflow_server_fails_before_training(tiny_pipeline, tmp_path
 
 
 @pytest.mark.parametrize("extra, expected", [
-    (["--model.init_args.lrr", "0.1"], "visor fit: error: key 'lrr' (the command line)"),        # unknown key
+    (["--model.init_args.lrr", "0.1"],
+     "visor fit: error: the command line: unknown key model.init_args.lrr (did you mean model.init_args.lr?)"),
     (["--model.init_args.lr", "fast"], "visor fit: error: key 'lr' ("),                         # wrong type
     (["--config", "experiments/debug/nope.yaml"], "visor fit: error: config file {root}/experiments/debug/nope.yaml not found"),
-    (["--config", "{tmp}/typo.yaml"], "visor fit: error: key 'lrr' ({tmp}/typo.yaml line 3)"),   # a typo in a file
+    (["--config", "{tmp}/typo.yaml"],                                                           # a typo in a file
+     "visor fit: error: {tmp}/typo.yaml line 3: unknown key model.init_args.lrr (did you mean model.init_args.lr?)"),
 ])
 def test_config_typos_name_the_key_before_any_model_is_built(tiny_pipeline, tmp_path, extra, expected):
     (tmp_path / "typo.yaml").write_text("model:\n  init_args:\n    lrr: 0.1\n")
@@ -245,3 +247,15 @@ def test_a_run_killed_and_resumed_with_other_settings_keeps_writing_last_ckpt(ti
     assert not list(ckpts.glob("last-v*.ckpt"))  # (step=2.ckpt stays: the new interval's top-k does not know it)
     assert _ckpt_step(ckpts / "last.ckpt") == 4  # the newest save (Lightning saves no extra one at the end)
     assert json.loads((tmp_path / "run" / "weights" / "visor.json").read_text())["global_step"] == 6
+
+
+@pytest.mark.slow
+def test_a_finished_run_resumed_with_a_larger_max_steps_trains_on(tiny_pipeline, tmp_path):
+    """A finished 2-step run (one epoch of 2 batches) resumed with max_steps 4 trained 0 steps and exited 0: it had
+    done its max_epochs. max_epochs is now raised to what max_steps needs, and says so."""
+    first = _fit(tiny_pipeline, tmp_path, steps=2)
+    assert first.returncode == 0, first.stderr[-2000:]
+    resumed = _fit(tiny_pipeline, tmp_path, "--ckpt_path", "last", "--trainer.max_steps", "4", steps=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "trainer.max_epochs 1 -> 2" in resumed.stdout and "resuming from" in resumed.stdout
+    assert json.loads((tmp_path / "run" / "weights" / "visor.json").read_text())["global_step"] == 4

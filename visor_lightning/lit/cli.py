@@ -63,6 +63,24 @@ def accumulation(global_batch: int | None, per_device: int, devices: Any, num_no
     return global_batch // per_step
 
 
+def epochs_for_max_steps(cfg) -> None:
+    """Raise ``trainer.max_epochs`` so that ``trainer.max_steps`` is reachable. An epoch is ``data.batches_per_epoch``
+    batches of the resampled stream, so a max_steps beyond max_epochs' worth stopped short without a word, and a
+    finished run resumed with a larger max_steps trained 0 steps (it had done its epochs)."""
+    t = cfg.trainer
+    steps, epochs = t.get("max_steps") or -1, t.get("max_epochs")
+    if steps <= 0 or epochs is None or epochs < 0 or t.get("fast_dev_run"):
+        return
+    workers = max(1, cfg.data.get("num_workers") or 0)
+    batches = -(-cfg.data.batches_per_epoch // workers) * workers  # the loader rounds up to whole workers
+    per_epoch = -(-batches // max(1, t.get("accumulate_grad_batches") or 1))  # the last, partial one steps too
+    needed = -(-steps // per_epoch)
+    if needed > epochs:
+        print(f"[visor] trainer.max_steps {steps} at {per_epoch} optimizer steps per epoch (data.batches_per_epoch "
+              f"{cfg.data.batches_per_epoch}) needs {needed} epochs: trainer.max_epochs {epochs} -> {needed}")
+        t.max_epochs = needed
+
+
 def latest_checkpoint(root: Path) -> str | None:
     """``--ckpt_path last``: the newest valid one of ``checkpoints/last.ckpt``, the periodic ``step=N.ckpt`` and
     the ``hpc_ckpt_<n>.ckpt`` written on a Slurm pre-emption signal (callbacks/preemption.py); a damaged file is
@@ -160,6 +178,7 @@ class VisorCLI(LightningCLI):
         if gbs is not None:
             t = cfg.trainer
             cfg.trainer.accumulate_grad_batches = accumulation(gbs, cfg.data.batch_size, t.devices, t.num_nodes)
+        epochs_for_max_steps(cfg)
         if not cfg.trainer.get("default_root_dir"):
             cfg.trainer.default_root_dir = "runs/default"
         if self.subcommand == "fit" and cfg.get("ckpt_path") == "last":
