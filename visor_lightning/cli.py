@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("ui", help="serve the MLflow store (runs/mlflow.db or MLFLOW_TRACKING_URI) on 127.0.0.1 only",
                        description="Runs `mlflow server` on the loopback interface; reach it from elsewhere with an "
                                    "SSH tunnel (ssh -L 5000:127.0.0.1:5000 host), never by opening the port.")
-    u.add_argument("--port", type=positive, default=5000)
+    u.add_argument("--port", type=positive, default=5000, help="port on 127.0.0.1 (default 5000)")
     u.add_argument("--store", default=None, help="backend store URI (default: the one visor logs to)")
     y = sub.add_parser("mlflow-sync", help="send a run's mlflow_unsent.jsonl (kept while the server was down) into its run")
     y.add_argument("run_dir", help="the stage's run directory (holds mlflow_run_id and mlflow_unsent.jsonl)")
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="tiny end-to-end run on CPU: build + load a LLaVA-OV checkpoint, VISOR forward/generate, FLOPs",
     )
     d.add_argument("--out", default="runs/model_demo", help="working directory (default runs/model_demo)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0, help="seed of the random weights and the image order (default 0)")
     d.add_argument("--images", type=positive, default=8, help="easy-vqa images in the batch (default 8)")
     d.add_argument("--repeats", type=positive, default=7, help="timed repeats per configuration (median kept)")
     d.add_argument("--json", default=None, help="also write the results as JSON to this file")
@@ -90,16 +90,16 @@ def _add_data_parsers(sub) -> None:
     t = dsub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on shards (for from-scratch tiny models)")
     t.add_argument("--shards", nargs="+", required=True, help="shard globs/patterns/manifests to read text from")
     t.add_argument("--out", required=True, help="directory for the tokenizer files")
-    t.add_argument("--vocab-size", type=positive, default=512)
+    t.add_argument("--vocab-size", type=positive, default=512, help="tokens, special ones included (default 512)")
     x = dsub.add_parser("export-hf", help="a built split as a Hugging Face datasets directory (for lmms-eval tasks; "
                                           "needs the eval extra)")
     x.add_argument("--dir", required=True, help="directory holding the shards and {split}-manifest.json")
-    x.add_argument("--split", required=True)
+    x.add_argument("--split", required=True, help="the split to export (its {split}-manifest.json)")
     x.add_argument("--out", required=True, help="datasets directory to write (save_to_disk)")
     x.add_argument("--hf-split", default="test", help="the split name inside it (default test)")
     v = dsub.add_parser("verify", help="re-read a split: sha256 per shard and read == written")
     v.add_argument("--dir", required=True, help="directory holding the shards and {split}-manifest.json")
-    v.add_argument("--split", default="train")
+    v.add_argument("--split", default="train", help="the split to check (default train)")
     v.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -110,7 +110,7 @@ def _add_bench_parsers(sub) -> None:
     b.add_argument("--shards", nargs="+", required=True, help="shard globs/patterns/manifests")
     b.add_argument("--tokenizer", required=True, help="tokenizer directory (visor data tokenizer)")
     b.add_argument("--config", default="experiments/debug/tiny.yaml", help="experiment YAML whose model is trained")
-    b.add_argument("--batch-size", type=positive, default=8)
+    b.add_argument("--batch-size", type=positive, default=8, help="samples per batch (default 8)")
     b.add_argument("--batches", type=positive, default=24, help="batches timed per measurement")
     b.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts")
     b.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -168,7 +168,8 @@ def _add_bench_parsers(sub) -> None:
     tr.add_argument("--repeats", type=positive, default=2, help="timed rounds (default 2)")
     tr.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     tr.add_argument("--device", default=None, help="cpu, cuda (default: cuda when present)")
-    tr.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    tr.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="default: bfloat16 on CUDA, float32 on CPU")
     tr.add_argument("--profile", default=None, metavar="FILE|GPU", help="device profile (default: this machine's)")
     tr.add_argument("--compile", action="store_true", help="also time every row compiled (model.compile), with its "
                     "compile seconds; e.g. the demo model: --config experiments/debug/tiny.yaml --batch 16 "

@@ -35,7 +35,9 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
 
 def add_data_build_args(b: argparse.ArgumentParser) -> None:
     """``visor data build``'s arguments; the pipeline parses its ``data.builds`` entries with the same ones."""
-    b.add_argument("--source", required=True, choices=["llava-json", "hf-parquet", "easy-vqa", "synthetic"])
+    b.add_argument("--source", required=True, choices=["llava-json", "hf-parquet", "easy-vqa", "synthetic"],
+                   help="llava-json: LLaVA conversation records + image directory; hf-parquet: LLaVA-OneVision-Data "
+                        "parquet files; easy-vqa: the easy-vqa package's images; synthetic: the demo's scenes")
     b.add_argument("--out", required=True, help="output directory (shards and manifest)")
     b.add_argument("--split", default="train", help="split name: shard files are {split}-000000.tar, ... (default train)")
     b.add_argument("--json", dest="json_file", help="llava-json: the records (.json list or .jsonl)")

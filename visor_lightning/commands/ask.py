@@ -62,22 +62,26 @@ def format_answer(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def ask_main(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="visor ask", description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", required=True, help="a stage's weights/ directory (or a .ckpt / DeepSpeed checkpoint)")
     p.add_argument("--processor", required=True,
                    help="directory with the tokenizer and preprocessor_config.json (the LLaVA-OV checkpoint's own; "
                    "the demo's: runs/demo/base/hf)")
     p.add_argument("--image", required=True, help="an image file")
-    p.add_argument("--question", required=True)
+    p.add_argument("--question", required=True, help="the question, as a user would type it")
     p.add_argument("--config", default="policy", help="'policy' (the model decides; default) or a configuration name, "
                    "e.g. sa[0]")
     p.add_argument("--max-acc-drop", type=float, default=None, metavar="X",
                    help="the router's knob: the cheapest configuration whose predicted accuracy is at most X below the "
                    "maximal one's (0 = strictest, the default; 1 = always the cheapest)")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=16, help="longest answer in tokens (default 16)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of the lines")
-    a = p.parse_args(argv)
+    return p
+
+
+def ask_main(argv: list[str]) -> int:
+    a = build_parser().parse_args(argv)
     from visor_lightning.commands.json_out import emit, stdout_for_json
 
     with stdout_for_json(a.json) as out:

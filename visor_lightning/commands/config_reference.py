@@ -144,12 +144,16 @@ def _cli_rows() -> list[tuple[str, str, str, str]]:
     return out
 
 
-def main(argv: list[str]) -> int:
+def build_parser():
     import argparse
 
     p = argparse.ArgumentParser(prog="visor config-reference", description=__doc__.split("\n\n")[0])
     p.add_argument("--write", action="store_true", help=f"write {PAGE.relative_to(PAGE.parents[1])} (default: print)")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    a = build_parser().parse_args(argv)
     text = generate()
     if a.write:
         PAGE.write_text(text)

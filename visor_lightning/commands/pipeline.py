@@ -183,14 +183,18 @@ def own_args(stage: dict[str, Any], key: str = "args") -> list[str]:
     return [a for k, v in (stage.get(key) or {}).items() for a in (f"--{k}", str(v))]
 
 
-def pipeline_main(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="visor pipeline", description=__doc__)
     p.add_argument("--config", required=True, help="pipeline YAML (experiments/debug/pipeline.yaml)")
     p.add_argument("--restart", action="store_true", help="rebuild data and rerun stages that already finished")
     p.add_argument("--only-data", action="store_true", help="build the data and stop")
     p.add_argument("--stage-args", default="", help="extra `visor fit` arguments for every stage, e.g. "
                    "\"--trainer.max_steps 20 --data.batches_per_epoch 20\" for a quick check")
-    args = p.parse_args(argv)
+    return p
+
+
+def pipeline_main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     try:
         cfg = load_pipeline(args.config)
         raise_problems(stage_problems(shlex.split(args.stage_args), where="--stage-args"))

@@ -149,7 +149,7 @@ def stage_setup(name: str, root: Path) -> dict[str, Any]:
     return {"global_step": int(meta.get("global_step", -1)), "trainable_params": int(meta.get("trainable_params", 0))}
 
 
-def realsize_main(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="visor realsize", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/realsize", help="working directory (default runs/realsize)")
@@ -166,7 +166,11 @@ def realsize_main(argv: list[str]) -> int:
                    help="replace the layer schedule of the stage configs that set one, e.g. '{\"num_ca\": 1, "
                         "\"num_sa\": 2}' for a model shallower than 24 layers (the tests run the runner that way)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    args = p.parse_args(argv)
+    return p
+
+
+def realsize_main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     report = run_realsize(Path(args.out), zero2=[s for s in args.zero2.split(",") if s], zero2_devices=args.zero2_devices,
                           resume=args.resume or None, only=args.stages.split(",") if args.stages else None,
                           keep=args.keep, model_config=args.model_config, schedule=args.schedule)
