@@ -466,7 +466,8 @@ class VisorLitModule(pl.LightningModule):
         self.validation_step(batch, batch_idx, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
-        self._finish_eval("val")
+        dm = getattr(self.trainer, "datamodule", None)  # `visor eval --sets test` validates on data.test: label it so
+        self._finish_eval("test" if getattr(dm, "eval_split", "val") == "test" else "val")
 
     def on_test_epoch_end(self) -> None:
         self._finish_eval("test")
