@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import subprocess
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # device profiles a test measures go to a throw-away folder, not the user's cache
 os.environ["VISOR_PROFILE_DIR"] = __import__("tempfile").mkdtemp(prefix="visor-profiles-")
 
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -179,3 +183,30 @@ def tiny_pipeline(demo_data, tmp_path_factory) -> dict:
     return {"out": out, "uri": env["MLFLOW_TRACKING_URI"], "seconds": seconds, "data": demo_data}
 
 
+
+
+@contextlib.contextmanager
+def visor_ui(argv: list[str], env: dict | None = None, timeout: float = 90):
+    """``visor ui`` (``argv``, plus a free ``--port``) started in its own session and answering ``/health``; yields its
+    base URL and stops it after."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([*argv, "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            assert server.poll() is None, server.stdout.read()[-3000:]
+            try:
+                if urllib.request.urlopen(base + "/health", timeout=2).read() == b"OK":
+                    break
+            except OSError:
+                pass
+            assert time.time() < deadline, "visor ui did not come up"
+            time.sleep(0.5)
+        yield base
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)

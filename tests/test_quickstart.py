@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -35,31 +33,14 @@ def _argv(line: str, out: Path) -> list[str]:
 
 
 def _serve(argv: list[str], env: dict) -> str:
-    """`visor ui` on a free port: up, answering, on the store the walk-through logged to; then stopped."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([*argv, "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            assert server.poll() is None, server.stdout.read()[-3000:]
-            try:
-                if urllib.request.urlopen(base + "/health", timeout=2).read() == b"OK":
-                    break
-            except OSError:
-                pass
-            assert time.time() < deadline, "visor ui did not come up"
-            time.sleep(0.5)
+    """`visor ui` up and answering on the store the walk-through logged to: its experiments, as JSON."""
+    from conftest import visor_ui
+
+    with visor_ui(argv, env) as base:
         req = urllib.request.Request(base + "/api/2.0/mlflow/experiments/search", json.dumps({"max_results": 50}).encode(),
                                      {"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=10) as r:
             return r.read().decode()
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -35,12 +34,6 @@ def chromium() -> str:
     return exe
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(base: str, path: str, body: dict) -> dict:
     req = urllib.request.Request(base + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as r:
@@ -59,21 +52,10 @@ def _page(chromium: str, url: str, shot: Path | None = None) -> tuple[str, str]:
 
 @pytest.mark.slow
 def test_mlflow_ui_shows_the_pipeline_in_a_real_browser(tiny_pipeline, chromium):
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "visor_lightning", "ui", "--port", str(port), "--store", tiny_pipeline["uri"]],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            assert server.poll() is None, server.stdout.read()[-3000:]
-            try:
-                if urllib.request.urlopen(base + "/health", timeout=2).read() == b"OK":
-                    break
-            except OSError:
-                pass
-            assert time.time() < deadline, "mlflow server did not come up"
-            time.sleep(0.5)
+    from conftest import visor_ui
+
+    with visor_ui([sys.executable, "-m", "visor_lightning", "ui", "--store", tiny_pipeline["uri"]]) as base:
+        port = int(base.rsplit(":", 1)[1])
         # it listens on the loopback interface only
         listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
         local = [line.split()[3] for line in listening.splitlines() if line.strip()]
@@ -101,9 +83,6 @@ def test_mlflow_ui_shows_the_pipeline_in_a_real_browser(tiny_pipeline, chromium)
         assert re.search(r'<img alt="plots/summary_acc_vs_flops.png" src="blob:', html)  # the PNG was fetched and shown
         for png in ("mlflow_pipeline_run.png", "mlflow_policy_run.png", "mlflow_pipeline_plot.png"):
             assert (ARTIFACTS / png).stat().st_size > 20_000
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
 
 
 def test_ui_on_a_taken_port_fails_and_says_so(tmp_path):

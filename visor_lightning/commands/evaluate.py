@@ -73,11 +73,12 @@ def run_eval(config: list[str], ckpt: str, *, targets: str = "all", out: str | N
              extra: list[str] | None = None, swap: bool = True,
              baseline_train: dict[str, str] | str | None = None, max_acc_drop: list[float] | None = None,
              mlflow: bool = True, sets: str = "val") -> dict[str, Any]:
-    """Score every target on every ``data.val`` set; with ``swap`` also on each set's swapped-image copy
-    (``acc_swapped``), and the question-only baseline per set (``baseline_train``: a training split for all
-    sets, or one per set name; else counted on the set itself). ``max_acc_drop``: the router at each of these
-    knob values, one target each (``policy(max_acc_drop=X)``; needs a correctness-trained policy). ``sets``:
-    "val" scores ``data.val`` (development sets), "test" the held-out ``data.test``."""
+    """Score every target on every ``data.val`` set (``sets="test"``: every ``data.test`` set); with ``swap`` also on
+    each set's swapped-image copy (``acc_swapped``), and the question-only baseline per set (``baseline_train``: a
+    training split for all sets, or one per set name; by default the config's ``data.train``, and only without one
+    the set itself, with a warning). ``max_acc_drop``: the router at each of these
+    knob values, one target each (``policy(max_acc_drop=X)``; needs a correctness-trained policy). A router no policy
+    stage has trained is not scored as a policy (a note says so; named, its rows are labelled untrained)."""
     from visor_lightning.data.datamodule import SWAPPED
     from visor_lightning.lit.cli import VisorCLI
     from visor_lightning.lit.module import POLICY, is_routed
