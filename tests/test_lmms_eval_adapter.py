@@ -119,6 +119,8 @@ def test_loglikelihood_equals_the_teacher_forced_data_path(tiny_pipeline):
 
 def test_bad_arguments_and_missing_lmms_eval(tiny_pipeline):
     out = tiny_pipeline["out"]
+    with pytest.warns(UserWarning, match="no policy stage has trained the router"):  # universal weights' router
+        VisorLMM(weights=str(out / "universal" / "weights"), processor=str(out / "base" / "hf"), target="policy")
     with pytest.raises(ValueError, match="not 'policy', a feasible configuration"):
         VisorLMM(weights=str(out / "policy" / "weights"), processor=str(out / "base" / "hf"), target="sa[9]")
     with pytest.raises(ValueError, match="FastV prunes a dense model"):

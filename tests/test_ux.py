@@ -297,3 +297,20 @@ def test_eval_of_a_checkpoint_outside_the_store_gets_a_named_tagged_run(tiny_pip
     finally:
         for k, v in old.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def test_eval_given_a_multi_process_setting_evaluates_in_one_process(tiny_pipeline, tmp_path, capsys):
+    """`visor pipeline --stage-args "--trainer.devices 2"` hands its stage args to the in-process evaluation too,
+    where Lightning would have started the second rank by running the whole command (the pipeline) again."""
+    out = tiny_pipeline["out"]
+    env = {"VISOR_DATA": str(tiny_pipeline["data"]), "MLFLOW_TRACKING_URI": tiny_pipeline["uri"]}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        doc = run_eval([str(out / "universal" / "config.yaml")], str(out / "universal" / "weights"), targets="sa[0]",
+                       out=str(tmp_path / "e"), swap=False, mlflow=False, extra=["--trainer.devices", "2"])
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    assert "evaluates in one process" in capsys.readouterr().out
+    assert len([r for r in doc["samples"] if r["set"] == "hard"]) == 16  # every sample once: one process read them all

@@ -93,6 +93,13 @@ def run_eval(config: list[str], ckpt: str, *, targets: str = "all", out: str | N
         args += ["--config", c]
     args += ["--model.init_args.init_from", str(ckpt_path), "--trainer.default_root_dir", str(out_dir),
              "--mlflow", "false", *(extra or [])]
+    from visor_lightning.commands.pipeline import launches_processes
+
+    if launches_processes(args):  # Lightning would start the other ranks by re-running this command (a whole
+        # pipeline, from `visor pipeline --stage-args "--trainer.devices 2"`); the records are per process anyway
+        print("[visor eval] evaluates in one process: --trainer.devices 1 --trainer.num_nodes 1 (the multi-process "
+              "setting is for training)")
+        args += ["--trainer.devices", "1", "--trainer.num_nodes", "1"]
     cli = VisorCLI(args=args, run=False)
     module, dm, trainer = cli.model, cli.datamodule, cli.trainer
     dm.use_split(sets)

@@ -78,6 +78,11 @@ class VisorLMM:
             raise ValueError(f"target={target!r}: FastV prunes a dense model; {weights} has CA layers")
         if target == POLICY and sch.router_layer is None:
             raise ValueError(f"target=policy: {weights} has no policy (a single configuration); name one of {sch.names}")
+        if target == POLICY and not self.model.policy.trained:
+            import warnings
+
+            warnings.warn(f"target=policy: no policy stage has trained the router of {weights}: its choices are its "
+                          "random init's (train one with a PolicyTraining stage, or name a configuration)", stacklevel=2)
         self.target = target
         self.max_acc_drop = None if max_acc_drop in (None, "") else float(max_acc_drop)
         if self.max_acc_drop is not None:
