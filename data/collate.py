@@ -85,7 +85,7 @@ class Encoder:
         return ids, labels
 
     def __call__(self, conv: Conversation, image) -> Encoded:
-        msgs = [{"role": "user" if r == "human" else "assistant", "content": t} for r, t in conv.turns]
+        msgs = conv.messages
         full = self._render(msgs, False)
         spans = []
         for i, m in enumerate(msgs):

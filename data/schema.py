@@ -61,6 +61,11 @@ class Conversation:
         text = next(text for role, text in reversed(self.turns) if role == "human")
         return " ".join(text.replace(IMAGE_PLACEHOLDER, " ").split())
 
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        """The turns as chat-template messages (human -> user, gpt -> assistant)."""
+        return [{"role": "user" if r == "human" else "assistant", "content": t} for r, t in self.turns]
+
     def to_json(self) -> dict[str, Any]:
         conv = [{"from": r, "value": t} for r, t in self.turns]
         return {"id": self.id, "conversations": conv, "source": self.source, "subset": self.subset, **self.extra}

@@ -209,6 +209,7 @@ def prepare(out: Path, model_config: str = MODEL) -> dict[str, str]:
 
 def max_text_tokens(ckpt: str) -> int:
     """The longest training conversation of the fixture in the checkpoint's tokens (chat template applied)."""
+    from visor_lightning.data.schema import parse_record
     from visor_lightning.data.tokenizer import load_tokenizer
 
     from .realsize_fixtures import conversation
@@ -217,7 +218,7 @@ def max_text_tokens(ckpt: str) -> int:
     longest = 0
     for i in range(2):  # conversations alternate 2 and 3 turns
         conv = conversation(i, *TRAIN_SIZES[0], "flower")
-        msgs = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]} for t in conv]
+        msgs = parse_record({"id": f"longest-{i}", "conversations": conv}).messages
         longest = max(longest, len(tok.apply_chat_template(msgs, tokenize=True)))
     return longest
 
