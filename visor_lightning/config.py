@@ -38,17 +38,6 @@ def load_weights_section(weights: str | Path, where: str = "--weights") -> Model
                         meta["policy_width"], source=f"weights {weights}")
 
 
-def _stage_class(path: Path, class_path: str):
-    import importlib
-
-    module, _, name = class_path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        raise ValueError(f"{path}: model.class_path {class_path!r} is not an importable class "
-                         "(e.g. visor_lightning.lit.Universal)") from None
-
-
 def load_model_section(path: str | Path) -> ModelSection:
     """The model an experiment YAML describes: ``model.backbone``, ``model.schedule`` and ``model.policy_width``.
 
@@ -72,21 +61,19 @@ def load_model_section(path: str | Path) -> ModelSection:
     model: Any = raw.get("model") if raw is not None else None
     if model is None:
         raise ValueError(f"{path}: no 'model:' section")
-    from .config_check import check_model_keys, check_stage_args
+    from .config_check import check_model_keys, check_stage_args, import_class
 
-    if "class_path" in model:
+    stage = None
+    if "class_path" in model:  # a LightningCLI stage config: the model's shapes sit in init_args
         check_stage_args(["--config", str(path)])  # every unknown key at once, with its line and a near miss
+        try:
+            stage = import_class(model.class_path)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        model = OmegaConf.masked_copy(model.get("init_args") or {},
+                                      ["backbone", "schedule", "policy_width", "init_from", "tokenizer_vocab"])
     else:
         check_model_keys(path)
-    stage = None
-    keys = {"backbone", "schedule", "policy_width"}
-    if "class_path" in model:  # a LightningCLI stage config: the model's shapes sit in init_args
-        stage = _stage_class(path, model.class_path)
-        keys |= {"init_from", "tokenizer_vocab"}
-        model = OmegaConf.masked_copy(model.get("init_args") or {}, sorted(keys))
-    unknown = set(model.keys()) - keys
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) model.{sorted(unknown)}; expected {', '.join(sorted(keys))}")
     try:
         backbone = OmegaConf.merge(OmegaConf.structured(BackboneSpec), model.get("backbone") or {})
         sched = OmegaConf.merge(OmegaConf.structured(ScheduleConfig), model.get("schedule") or {})

@@ -95,35 +95,44 @@ def _base_schema() -> Schema:
     return {**{k: None for k in TOP_LEVEL}, "trainer": _params(Trainer), "data": data}
 
 
+def import_class(class_path: str) -> type:
+    """``visor_lightning.lit.Universal`` -> the class; a ValueError naming it when it does not import."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        raise ValueError(f"model.class_path {class_path!r} is not an importable class "
+                         "(e.g. visor_lightning.lit.Universal)") from None
+
+
 def stage_schema(class_path: str | None) -> Schema:
     """The keys a stage config may hold; ``model.init_args`` are those of ``class_path`` (when it imports)."""
     schema = dict(_base_schema())
     model: Schema = {"class_path": None, "init_args": None, "dict_kwargs": None}
     if class_path:
-        module, _, name = class_path.rpartition(".")
         try:
-            model["init_args"] = _params(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError, ValueError):
+            model["init_args"] = _params(import_class(class_path))
+        except ValueError:
             pass  # jsonargparse names a class that does not import
     schema["model"] = model
     return schema
 
 
-def _key_lines(path: Path) -> list[tuple[str, int]]:
-    """Every mapping key of a YAML file as (dotted key, 1-based line), in file order."""
+def _key_lines(path: Path) -> list[tuple[str, int, str | None]]:
+    """Every mapping key of a YAML file as (dotted key, 1-based line, its value if a scalar), in file order."""
     import yaml
 
     try:
         root = yaml.compose(path.read_text())
     except (OSError, yaml.YAMLError):
         return []  # the loader itself reports what is wrong with the file
-    out: list[tuple[str, int]] = []
+    out: list[tuple[str, int, str | None]] = []
 
     def walk(node: Any, prefix: str) -> None:
         if isinstance(node, yaml.MappingNode):
             for k, v in node.value:
                 key = f"{prefix}{k.value}"
-                out.append((key, k.start_mark.line + 1))
+                out.append((key, k.start_mark.line + 1, v.value if isinstance(v, yaml.ScalarNode) else None))
                 walk(v, key + ".")
         elif isinstance(node, yaml.SequenceNode):
             for i, v in enumerate(node.value):
@@ -157,18 +166,12 @@ def _unknown(keys: list[tuple[str, str]], schema: Schema) -> list[Problem]:
     return out
 
 
-def _class_path(files: list[Path], overrides: list[str]) -> str | None:
-    import yaml
-
+def _class_path(keys: list[tuple[str, int, str | None]], overrides: list[str]) -> str | None:
+    """The stage class the files' keys (in stacking order) and the overrides name last."""
     found = None
-    for f in files:
-        try:
-            doc = yaml.safe_load(f.read_text()) or {}
-        except (OSError, yaml.YAMLError):
-            continue
-        model = doc.get("model") if isinstance(doc, dict) else None
-        if isinstance(model, dict) and model.get("class_path"):
-            found = model["class_path"]
+    for key, _, value in keys:
+        if key == "model.class_path" and value:
+            found = value
     for i, a in enumerate(overrides):
         if a.startswith("--model.class_path") or a == "--model":
             value = a.split("=", 1)[1] if "=" in a else (overrides[i + 1] if i + 1 < len(overrides) else None)
@@ -182,9 +185,9 @@ def stage_problems(argv: list[str], where: str = "the command line") -> list[Pro
     ``--key`` override (``where`` names where those were given)."""
     files = [Path(argv[i + 1]) for i, a in enumerate(argv[:-1]) if a == "--config"]
     files += [Path(a.split("=", 1)[1]) for a in argv if a.startswith("--config=")]
-    files = [f for f in files if f.is_file()]
-    schema = stage_schema(_class_path(files, argv))
-    keys = [(k, f"{f} line {n}") for f in files for k, n in _key_lines(f)]
+    in_files = [(f, _key_lines(f)) for f in files if f.is_file()]
+    schema = stage_schema(_class_path([k for _, lines in in_files for k in lines], argv))
+    keys = [(k, f"{f} line {n}") for f, lines in in_files for k, n, _ in lines]
     keys += [(a[2:].split("=", 1)[0].rstrip("+"), where) for a in argv  # --trainer.callbacks+=X appends
              if a.startswith("--") and "." in a.split("=", 1)[0] and not a.startswith("--config")]
     return _unknown(keys, schema)
@@ -197,7 +200,7 @@ def check_stage_args(argv: list[str]) -> None:
 
 def key_problems(path: Path, schema: Schema) -> list[Problem]:
     """Every key of YAML file ``path`` that ``schema`` does not know."""
-    return _unknown([(k, f"{path} line {n}") for k, n in _key_lines(Path(path))], schema)
+    return _unknown([(k, f"{path} line {n}") for k, n, _ in _key_lines(Path(path))], schema)
 
 
 def model_schema() -> Schema:
@@ -210,7 +213,7 @@ def model_schema() -> Schema:
 
 def check_model_keys(path: Path) -> None:
     """Raise :class:`ConfigError` listing every unknown key under ``model:`` of a model config."""
-    keys = [(k, f"{path} line {n}") for k, n in _key_lines(Path(path)) if k.startswith("model.")]
+    keys = [(k, f"{path} line {n}") for k, n, _ in _key_lines(Path(path)) if k.startswith("model.")]
     raise_problems(_unknown(keys, {"model": model_schema()}))
 
 
