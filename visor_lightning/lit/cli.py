@@ -150,12 +150,12 @@ class VisorCLI(LightningCLI):
 
         for p in [parser, *getattr(self, "_subcommand_parsers", {}).values()]:
             p.exit_on_error = False
-        if "--help" not in (args or sys.argv) and "-h" not in (args or sys.argv):
-            check_stage_args(list(sys.argv[1:] if args is None else args))  # every unknown key at once, with its line
+        argv = list(sys.argv[1:] if args is None else args)
+        if "--help" not in argv and "-h" not in argv:
+            check_stage_args(argv)  # every unknown key at once, with its line
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as e:
-            argv = list(sys.argv[1:] if args is None else args)
             print(f"visor {argv[0] if argv else ''}: error: {config_error_place(str(e), argv)}\n{e}", file=sys.stderr)
             raise SystemExit(2) from None
 
@@ -282,10 +282,8 @@ def run_cli(args: list[str] | None) -> VisorCLI:
     except (TrackingUnavailable, NonFiniteLossError, ValueError, FileNotFoundError) as e:
         # what a user can fix (a wrong path, a batch size that does not divide, a dead server): one line, no
         # traceback; VISOR_TRACEBACK=1 shows it. The pipeline and the tests (args given) get the exception itself.
-        if args is not None or os.environ.get("VISOR_TRACEBACK"):
+        if args is not None:
             raise
-        from visor_lightning.errors import HINT
+        from visor_lightning.errors import report
 
-        cmd = (sys.argv[1:2] or ["fit"])[0]
-        print(f"visor {cmd}: error: {user_message(e)}\n{HINT}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(report((sys.argv[1:2] or ["fit"])[0], e, user_message(e))) from None
