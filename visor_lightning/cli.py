@@ -372,16 +372,12 @@ def cmd_sizing(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cpu_sizing(args: argparse.Namespace, out: TextIO) -> int:
-    from pathlib import Path
-
     from .commands.sizing import CPU_ASSUMPTIONS, assumptions_markdown, predict_cpu_stage
 
     try:
         h, w = (int(x) for x in args.image.lower().split("x"))
     except ValueError:
         raise ValueError(f"--image {args.image!r}: expected HEIGHTxWIDTH, e.g. 768x1024") from None
-    if not (Path(args.weights) / "visor.json").is_file():
-        raise FileNotFoundError(f"--weights {args.weights}: no visor.json there; point it at a stage's weights/ directory")
     r = predict_cpu_stage(args.weights, args.trainable, world=args.world, images=[(h, w)], text_tokens=args.text_tokens,
                           batch=args.batch, zero2=args.zero2)
     if args.json:

@@ -30,8 +30,8 @@ def load_weights_section(weights: str | Path, where: str = "--weights") -> Model
 
     meta_file = Path(weights) / "visor.json"
     if not meta_file.is_file():
-        what = "does not exist" if not Path(weights).exists() else "has no visor.json"
-        raise FileNotFoundError(f"{where}={str(weights)!r} {what}: point it at a stage's weights/ directory "
+        what = "no such directory" if not Path(weights).exists() else "no visor.json there"
+        raise FileNotFoundError(f"{where} {weights}: {what}; point it at a stage's weights/ directory "
                                 "(model.safetensors + visor.json)")
     meta = json.loads(meta_file.read_text())
     return ModelSection(BackboneSpec.from_dict(meta["backbone"]), schedule_from_dict(meta["schedule"]),

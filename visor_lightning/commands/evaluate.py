@@ -178,10 +178,9 @@ UNSEEN_WARN = 0.5  # warn when more than this share of the evaluated questions n
 
 def _checkpoint_stage(ckpt: Path) -> str | None:
     """The stage that wrote a weights/ directory (its visor.json), or None (a .ckpt: the config's stage is used)."""
-    meta = ckpt / "visor.json"
-    if meta.is_file():
-        return json.loads(meta.read_text()).get("stage")
-    return None
+    from visor_lightning.lit.weights import CONFIG_FILE, read_config
+
+    return read_config(ckpt).get("stage") if (ckpt / CONFIG_FILE).is_file() else None
 
 
 def baseline_for(name: str, records: list[dict[str, Any]], train: dict[str, str] | list[str] | str | None,

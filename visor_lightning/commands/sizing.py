@@ -153,17 +153,14 @@ def predict_cpu_stage(weights: str | Path, trainable: int | None, world: int = 1
     ``zero2``), ``batch`` samples of the largest of ``images`` each: the larger of loading and training
     (:data:`CPU_ASSUMPTIONS`). ``trainable``: the stage's trained parameter count; ``checkpoint_bytes``: the size of
     the file the stage starts from (default: fp32 weights, 4P). ``trainable`` None: every parameter trains."""
-    import json
-
     import torch
 
-    from visor_lightning.lit.weights import schedule_from_dict
+    from visor_lightning.config import load_weights_section
 
-    meta = json.loads((Path(weights) / "visor.json").read_text())
-    spec = BackboneSpec.from_dict(meta["backbone"])
-    schedule = schedule_from_dict(meta["schedule"])
+    saved = load_weights_section(weights)  # a missing or foreign directory is named here
+    spec, schedule = saved.backbone, saved.schedule
     with torch.device("meta"):
-        model = VisorModel(spec, schedule, host=None, policy_width=meta.get("policy_width", 256))
+        model = VisorModel(spec, schedule, host=None, policy_width=saved.policy_width)
     params = sum(p.numel() for p in model.parameters())
     trainable = params if trainable is None else trainable  # a full fine-tune
     vision_params = sum(p.numel() for p in model.vision.parameters())
