@@ -131,6 +131,8 @@ class VisorDataModule(pl.LightningDataModule):
             raise ValueError("data: batch_size and batches_per_epoch must be >= 1, num_workers >= 0")
         self.train_spec, self.val_spec, self.test_spec = train, dict(val or {}), dict(test or {})
         self.eval_split = "val"  # which sets evaluation reads: "val" (data.val) or "test" (data.test)
+        self.test_urls: dict[str, list[str]] | None = None  # resolved on first use (use_split): fit never reads them
+        self.test_stats: dict[str, SkipStats] = {}
         self.backbone = backbone  # None: the LightningModule's (``.spec``) at setup time
         self.tokenizer_path, self.image_processor_path = tokenizer, image_processor
         if backbone is not None and tokenizer is None and backbone.pretrained is None:
@@ -182,7 +184,7 @@ class VisorDataModule(pl.LightningDataModule):
             if not self.test_spec:
                 raise ValueError("data.test is not set: name the held-out sets in the config (data.test: {name: "
                                  "manifest, ...}) or pass --data.test '{name: manifest}'")
-            if not hasattr(self, "test_urls"):
+            if self.test_urls is None:
                 self.test_urls = {k: resolve_shards(v, field=f"data.test.{k}") for k, v in self.test_spec.items()}
                 self.test_stats = {k: SkipStats(self.strict, max_workers=max(1, self.num_workers)) for k in self.test_urls}
         self.eval_split = split
@@ -244,7 +246,7 @@ class VisorDataModule(pl.LightningDataModule):
             out["train"] = self.train_stats.counts()
         for k, s in self.val_stats.items():
             out[f"val/{k}"] = s.counts()
-        for k, s in getattr(self, "test_stats", {}).items():
+        for k, s in self.test_stats.items():
             out[f"test/{k}"] = s.counts()
         out["total"] = merge_counts(*out.values())
         return out

@@ -47,8 +47,10 @@ def run_ask(weights: str, processor: str, image: str, question: str, *, target: 
 
 
 def format_answer(r: dict[str, Any]) -> str:
-    how = {"router": lambda: f"chosen by the router at max_acc_drop={r['max_acc_drop']:g}",
-           "policy": lambda: "chosen by the policy", "forced": lambda: "named with --config"}[r["chosen_by"]]()
+    if r["chosen_by"] == "router":
+        how = f"chosen by the router at max_acc_drop={r['max_acc_drop']:g}"
+    else:
+        how = "chosen by the policy" if r["chosen_by"] == "policy" else "named with --config"
     if r["chosen_by"] != "forced" and not r.get("policy_trained", True):
         how += "; UNTRAINED: no policy stage has trained this model's router, its choice is its random init's"
     lines = [f"answer: {r['answer']}", f"configuration: {r['config']} ({r['sa_layers']} SA layer{'s' if r['sa_layers'] != 1 else ''}; {how})"]

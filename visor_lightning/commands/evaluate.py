@@ -106,15 +106,16 @@ def run_eval(config: list[str], ckpt: str, *, targets: str = "all", out: str | N
     names = module.schedule.names
     wanted = list(names) if targets == "all" else split_names(targets)
     routed = module.schedule.router_layer is not None  # a dense model has nothing to route
+    untrained = routed and not module.model.policy.trained  # e.g. universal weights: the router is its random init
     notes = []
-    if routed and not module.model.policy.trained:  # e.g. universal weights: the router is its random init
+    if untrained:
         if targets == "all":
             notes.append(f"{POLICY}: not scored: no policy stage has trained this model's router "
                          f"(name it in --configs to score it anyway, labelled untrained)")
         elif any(is_routed(t) for t in wanted) or max_acc_drop:
             notes.append(f"{POLICY}: this model's router is untrained (no policy stage has trained it): its rows show "
                          "what a random router picks")
-    if targets == "all" and routed and module.model.policy.trained:
+    if targets == "all" and routed and not untrained:
         wanted.append(POLICY)
     wanted += [knob_target(v) for v in max_acc_drop or [] if knob_target(v) not in wanted]
     module.hparams.eval_configs = wanted
@@ -151,11 +152,10 @@ def run_eval(config: list[str], ckpt: str, *, targets: str = "all", out: str | N
         if baseline_train is None:
             baseline_train = learnt
         elif isinstance(baseline_train, dict):
-            baseline_train = {s: baseline_train.get(s, learnt) for s in module.eval_results if not s.endswith(SWAPPED)}
+            baseline_train = {s: baseline_train.get(s, learnt) for s in results}
     refs: dict[str, list[tuple[str, str]]] = {}
     baselines = {s: baseline_for(s, records, baseline_train, refs) for s in results}
     tokens = {s: v for s, v in module.eval_tokens.items() if not s.endswith(SWAPPED)}
-    untrained = routed and not module.model.policy.trained
     doc = {"config": config, "ckpt": str(ckpt_path), "sets": sets, "schedule": module.schedule.describe(), "results": results,
            "baselines": baselines, "dense_gflops": dense, "tokens": tokens, "policy_trained": not untrained,
            "notes": notes, "samples": records}
