@@ -20,6 +20,7 @@ import lightning.pytorch as pl
 from visor_lightning.models.spec import BackboneSpec
 
 from .collate import Encoder, collate, image_processor_for
+from .encode_cache import EncodeCache, encoder_fingerprint
 from .images import DEFAULT_MAX_PIXELS
 from .schema import SkipStats, merge_counts
 from .streams import Example, ShardStream, StreamLoader
@@ -104,6 +105,10 @@ class VisorDataModule(pl.LightningDataModule):
         seed: seeds the resampled training stream (with epoch, rank and worker).
         pad_to_multiple_of: round every batch's sequence lengths up to a multiple of this (for ``model.compile``:
             each new length is one more compile; 1 = pad to the longest sample only).
+        encode_cache: keep each shard's encoded samples beside it (``<shard dir>/.encoded/``) once read, so later
+            reads skip decoding, the chat template, the tokenizer and the image processor (data/encode_cache.py).
+            Pays for small images (the demo's 32-px scenes: 25 KB a sample on disk); a 0.5B LLaVA-OV AnyRes sample
+            is ~18 MB, so it is off by default. Training then shuffles encoded samples.
     """
 
     def __init__(
@@ -125,6 +130,7 @@ class VisorDataModule(pl.LightningDataModule):
         strict: bool = False,
         seed: int = 0,
         pad_to_multiple_of: int = 1,
+        encode_cache: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1 or batches_per_epoch < 1 or num_workers < 0:
@@ -144,6 +150,8 @@ class VisorDataModule(pl.LightningDataModule):
         if pad_to_multiple_of < 1:
             raise ValueError(f"data.pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.encode_cache = encode_cache
+        self.cache: EncodeCache | None = None
         if not 1 <= self.shuffle_initial or shuffle_buffer < 1:
             raise ValueError(f"data: shuffle_buffer ({shuffle_buffer}) and shuffle_initial ({shuffle_initial}) must be >= 1")
         self.strict, self.seed = strict, seed
@@ -166,6 +174,8 @@ class VisorDataModule(pl.LightningDataModule):
             tok = load_tokenizer(self.tokenizer_path or pretrained)
             proc = image_processor_for(self.backbone, self.image_processor_path or pretrained)
             self.encoder = Encoder(tok, self.backbone, proc, self.max_length)
+            if self.encode_cache:
+                self.cache = EncodeCache(encoder_fingerprint(self.encoder, self.max_pixels))
             self.train_urls = resolve_shards(self.train_spec, field="data.train") if self.train_spec else []
             self.val_urls = {k: resolve_shards(v, field=f"data.val.{k}") for k, v in self.val_spec.items()}
             self.train_stats = SkipStats(self.strict, max_workers=max(1, self.num_workers))
@@ -207,6 +217,7 @@ class VisorDataModule(pl.LightningDataModule):
             collate=functools.partial(collate, pad_id=self.encoder.pad_id, pad_to_multiple_of=self.pad_to_multiple_of), stats=stats,
             batches_per_worker=self.batches_per_worker if train else 0, shuffle_buffer=self.shuffle_buffer,
             shuffle_initial=self.shuffle_initial, seed=self.seed, max_pixels=self.max_pixels, swap=swap,
+            cache=self.cache,
         )
 
     def train_dataloader(self) -> StreamLoader:

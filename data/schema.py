@@ -155,6 +155,16 @@ class SkipStats:
             raise DataError(f"{at}: {bad.reason}: {bad.detail} (strict=True; pass strict=False to skip and count)")
         self.add(bad.reason)
 
+    def mark(self) -> torch.Tensor:
+        """This process's (or worker's) counters now, for :meth:`only_read_since`."""
+        return self.table[self._row()].clone()
+
+    def only_read_since(self, mark: torch.Tensor) -> bool:
+        """Whether nothing but valid reads was counted here since ``mark`` (no skip, no conversion)."""
+        diff = self.table[self._row()] - mark
+        diff[self.NAMES.index("read")] = 0
+        return not bool(diff.any())
+
     def counts(self) -> dict[str, int]:
         total = self.table.sum(0).tolist()
         return {n: int(c) for n, c in zip(self.NAMES, total) if c}

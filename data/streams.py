@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from .encode_cache import EncodeCache
 from .images import DEFAULT_MAX_PIXELS, image_fingerprint, open_image
 from .schema import IMAGE_EXTS, BadSample, Conversation, DataError, SkipStats, parse_json_bytes, parse_record
 
@@ -205,6 +206,7 @@ class ShardStream(IterableDataset):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         swap: bool = False,
         shuffle_initial: int = 64,
+        cache: EncodeCache | None = None,
     ) -> None:
         super().__init__()
         if swap and train:
@@ -218,6 +220,7 @@ class ShardStream(IterableDataset):
         self.batches_per_worker, self.shuffle_buffer = batches_per_worker, shuffle_buffer
         self.seed, self.max_pixels, self.swap = seed, max_pixels, swap
         self.shuffle_initial = shuffle_initial
+        self.cache = None if swap else cache  # a swapped stream pairs other samples' images: encoded afresh
         self.epoch = 0
         self.num_workers = 0  # set by StreamLoader; gives the epoch length
         self.rank, self.world_size = 0, 1  # set by StreamLoader in the main process (workers may not know it)
@@ -240,6 +243,30 @@ class ShardStream(IterableDataset):
                 guard.encoded = True
             yield encoded
 
+    def _read_encoded(self, urls: Iterable[str | dict], guard: StarvationGuard | None = None) -> Iterator[Any]:
+        """Encoded samples shard by shard, through the encoded-sample cache (``data.encode_cache``): a cached
+        shard is loaded, any other is read and encoded and, when every sample of it was valid, saved."""
+        assert self.cache is not None
+        for u in urls:
+            url = u["url"] if isinstance(u, dict) else u
+            hit = self.cache.load(url)
+            if hit is not None:  # counted as read sample by sample, as a fresh read counts them
+                for enc in hit:
+                    self.stats.add("read")
+                    if guard is not None:
+                        guard.encoded = True
+                    yield enc
+                if guard is not None:
+                    guard.shard_read(url, len(hit))
+                continue
+            mark, fresh = self.stats.mark(), []
+            on_end = guard.shard_read if guard is not None else None
+            for enc in self._encoded(read_samples([url], self.stats, self.max_pixels, on_shard_end=on_end), guard):
+                fresh.append(enc)
+                yield enc
+            if self.stats.only_read_since(mark):
+                self.cache.save(url, fresh)
+
     def pipeline(self):
         import webdataset as wds
 
@@ -250,13 +277,18 @@ class ShardStream(IterableDataset):
             seed = _seed(self.seed, self.epoch, rank, worker)
             shards = wds.ResampledShards(self.urls, worker_seed=lambda: 0, seed=seed, deterministic=True)
             guard = StarvationGuard(self.urls, self.stats)
-            stages = [
-                shards,
-                lambda src: read_samples(src, self.stats, self.max_pixels, on_shard_end=guard.shard_read),
-                wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, self.shuffle_initial), rng=random.Random(seed)),
-                lambda src: self._encoded(src, guard),
-                wds.batched(self.batch_size, collation_fn=self.collate, partial=False),
-            ]
+            shuffle = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, self.shuffle_initial),
+                                  rng=random.Random(seed))
+            if self.cache is not None:  # encoded before the shuffle: the buffer holds encoded samples
+                stages = [shards, lambda src: self._read_encoded(src, guard), shuffle]
+            else:
+                stages = [
+                    shards,
+                    lambda src: read_samples(src, self.stats, self.max_pixels, on_shard_end=guard.shard_read),
+                    shuffle,
+                    lambda src: self._encoded(src, guard),
+                ]
+            stages.append(wds.batched(self.batch_size, collation_fn=self.collate, partial=False))
             return wds.DataPipeline(*stages).with_epoch(self.batches_per_worker)
         mine = self.urls[rank::world]  # split by node (as wds.split_by_node, with the rank passed in)
         if not mine:  # fewer shards than ranks: this rank has nothing to evaluate
@@ -264,9 +296,11 @@ class ShardStream(IterableDataset):
         stages = [
             wds.SimpleShardList(mine),
             wds.split_by_worker,
-            lambda src: read_samples(src, self.stats, self.max_pixels),
-            *([swap_images] if self.swap else []),
-            self._encoded,
+            *([self._read_encoded] if self.cache is not None else [
+                lambda src: read_samples(src, self.stats, self.max_pixels),
+                *([swap_images] if self.swap else []),
+                self._encoded,
+            ]),
             wds.batched(self.batch_size, collation_fn=self.collate, partial=True),
         ]
         return wds.DataPipeline(*stages)

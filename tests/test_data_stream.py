@@ -79,6 +79,17 @@ def test_collated_batch_runs_through_the_model(shards):
     assert torch.isfinite(out.loss)
     tokens, _ = model.generate(batch["prompt_ids"], batch["pixel_values"], batch["image_sizes"], batch["prompt_mask"], max_new_tokens=2)
     assert tokens.shape == (6, 2)
+    # training's loss_only: the LM head on the answer tokens only, the same loss and gradients (up to rounding)
+    params = [model.lm.lm_head.weight, model.lm.norm.weight, model.lm.layers[2].mlp.up_proj.weight]
+    grads = torch.autograd.grad(out.loss, params)
+    lo = model(batch["input_ids"], batch["pixel_values"], batch["image_sizes"], batch["attention_mask"],
+               labels=batch["labels"], loss_only=True)
+    n_answers = int((VisorModel.text_targets(batch["labels"], out.lm.streams.text_idx) != IGNORE_INDEX).sum())
+    assert lo.logits is None and lo.lm.logits.shape == (n_answers, shards.spec.text.vocab_size)
+    assert n_answers < out.logits.shape[0] * out.logits.shape[1] / 4
+    assert torch.allclose(lo.loss, out.loss, rtol=1e-6, atol=0)
+    for g, h in zip(grads, torch.autograd.grad(lo.loss, params)):
+        assert torch.allclose(g, h, rtol=1e-4, atol=1e-7)
 
 
 def test_padding_to_a_multiple_changes_shapes_not_results(shards):

@@ -216,8 +216,9 @@ class VisorLitModule(pl.LightningModule):
         return torch.full((batch["input_ids"].shape[0],), self.schedule.full_config, device=self.device)
 
     def forward_batch(self, batch: dict[str, Any], config_ids: torch.Tensor | None = None):
+        """The teacher-forced loss (the LM head runs on the answer tokens only; no logits are returned)."""
         return self.model(batch["input_ids"], batch["pixel_values"], batch["image_sizes"], batch["attention_mask"],
-                          labels=batch["labels"], config_ids=config_ids)
+                          labels=batch["labels"], config_ids=config_ids, loss_only=True)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         ids = self.train_config_ids(batch)

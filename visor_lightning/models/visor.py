@@ -24,7 +24,7 @@ from .policy import Policy
 from .schedule import LayerSchedule, ScheduleConfig
 from .spec import BackboneSpec
 from .vision import VisionEncoder
-from .visor_lm import LMOutput, VisorLanguageModel
+from .visor_lm import LMOutput, Streams, VisorLanguageModel
 
 # our module prefix -> key in a LLaVA-OneVision checkpoint file (the layout transformers' save_pretrained writes
 # and the published llava-onevision-*-hf checkpoints use; transformers maps older variants itself on load)
@@ -249,25 +249,34 @@ class VisorModel(nn.Module):
         cache: VisorCache | None = None,
         last_only: bool = False,
         max_acc_drop: float | None = None,
+        loss_only: bool = False,
     ) -> VisorOutput:
         """Logits per text slot ([B, Nt, vocab]; ``lm.streams.text_idx`` gives their sequence positions).
 
         ``labels`` [B, N] are aligned with ``input_ids`` as in transformers (-100 = ignore) and shifted here.
+        ``loss_only`` (with ``labels``): the LM head runs only on the slots that have a target, and ``logits`` is
+        None; the loss is the same (training reads a few answer tokens per sample, not every text token).
         ``max_acc_drop`` is the router's knob (``use_policy`` with a correctness-trained policy; see policy.py).
         """
+        if loss_only and labels is None:
+            raise ValueError("loss_only needs labels")
         embeds, is_visual = self.embed(input_ids, pixel_values, image_sizes)
+        st = Streams.split(is_visual, attention_mask if attention_mask is not None else torch.ones_like(is_visual))
+        targets = self.text_targets(labels, st.text_idx) if labels is not None else None
         out = self.lm(
             embeds, is_visual, attention_mask, config_ids=config_ids,
             policy=self.policy if use_policy else None, route=self.router(max_acc_drop), cache=cache,
-            last_only=last_only,
+            last_only=last_only, logits_at=(targets != -100) if loss_only else None, streams=st,
         )
         loss = None
-        if labels is not None:
+        if targets is not None:
             if last_only:
                 raise ValueError("labels need logits for every text token: last_only must be False")
-            targets = self.text_targets(labels, out.streams.text_idx)
-            loss = nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-        return VisorOutput(out.logits, loss, out)
+            if loss_only:
+                loss = nn.functional.cross_entropy(out.logits.float(), targets[targets != -100])
+            else:
+                loss = nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return VisorOutput(None if loss_only else out.logits, loss, out)
 
     def policy_logits(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -107,7 +107,8 @@ def _rows_set(x: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torc
 
 @dataclass
 class LMOutput:
-    logits: torch.Tensor | None  # [B, Nt, vocab] per text slot, [B, vocab] for the last text token, None if policy_only
+    logits: torch.Tensor | None  # [B, Nt, vocab] per text slot, [B, vocab] for the last text token, [M, vocab] for
+    # the M slots ``logits_at`` selects, None if policy_only
     streams: Streams
     config_ids: torch.Tensor  # [B] the configuration each sample ran
     policy_logits: torch.Tensor | None
@@ -153,13 +154,17 @@ class VisorLanguageModel(nn.Module):
         cache: VisorCache | None = None,
         last_only: bool = False,
         policy_only: bool = False,
+        logits_at: torch.Tensor | None = None,
+        streams: Streams | None = None,
     ) -> LMOutput:
         """Prefill over an interleaved sequence.
 
         ``config_ids`` [B] picks each sample's feasible configuration; without it, ``policy`` decides in front of
         the router layer (``route`` maps its logits to ids, argmax by default); with neither, the maximal one.
         ``policy_only`` stops at the router (logits None): every configuration shares the layers before it, so
-        policy training need not run the rest.
+        policy training need not run the rest. ``logits_at`` [B, Nt] (text slots) computes the final norm and LM
+        head only where it is True (a training loss reads a few answer tokens per sample): logits [M, vocab].
+        ``streams``: the split of this input when the caller already made it.
         """
         if policy_only and (policy is None or self.schedule.router_layer is None or config_ids is not None):
             raise ValueError("policy_only needs a policy, no config_ids, and a schedule with a router layer")
@@ -168,7 +173,7 @@ class VisorLanguageModel(nn.Module):
         dev = inputs_embeds.device
         if attention_mask is None:
             attention_mask = torch.ones(b, n, dtype=torch.bool, device=dev)
-        st = Streams.split(is_visual, attention_mask)
+        st = streams if streams is not None else Streams.split(is_visual, attention_mask)
         if config_ids is None and (policy is None or sch.router_layer is None):
             config_ids = torch.full((b,), sch.full_config, dtype=torch.long, device=dev)
         active = sch.active_mask(config_ids) if config_ids is not None else None
@@ -245,6 +250,8 @@ class VisorLanguageModel(nn.Module):
             cache.config_ids = config_ids
         if last_only:
             text = text.gather(1, st.last_text[:, None, None].expand(-1, 1, text.shape[2]))[:, 0]
+        elif logits_at is not None:
+            text = text[logits_at]
         logits = self.lm_head(self.norm(text))
         return LMOutput(logits, st, config_ids, policy_logits, calls)
 
