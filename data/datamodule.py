@@ -109,6 +109,8 @@ class VisorDataModule(pl.LightningDataModule):
             reads skip decoding, the chat template, the tokenizer and the image processor (data/encode_cache.py).
             Pays for small images (the demo's 32-px scenes: 25 KB a sample on disk); a 0.5B LLaVA-OV AnyRes sample
             is ~18 MB, so it is off by default. Training then shuffles encoded samples.
+        encode_cache_dir: keep the encoded samples here instead of beside the shards (read-only data, benchmarks);
+            setting it turns the cache on.
     """
 
     def __init__(
@@ -131,6 +133,7 @@ class VisorDataModule(pl.LightningDataModule):
         seed: int = 0,
         pad_to_multiple_of: int = 1,
         encode_cache: bool = False,
+        encode_cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or batches_per_epoch < 1 or num_workers < 0:
@@ -150,7 +153,7 @@ class VisorDataModule(pl.LightningDataModule):
         if pad_to_multiple_of < 1:
             raise ValueError(f"data.pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
         self.pad_to_multiple_of = pad_to_multiple_of
-        self.encode_cache = encode_cache
+        self.encode_cache, self.encode_cache_dir = encode_cache, encode_cache_dir
         self.cache: EncodeCache | None = None
         if not 1 <= self.shuffle_initial or shuffle_buffer < 1:
             raise ValueError(f"data: shuffle_buffer ({shuffle_buffer}) and shuffle_initial ({shuffle_initial}) must be >= 1")
@@ -174,8 +177,8 @@ class VisorDataModule(pl.LightningDataModule):
             tok = load_tokenizer(self.tokenizer_path or pretrained)
             proc = image_processor_for(self.backbone, self.image_processor_path or pretrained)
             self.encoder = Encoder(tok, self.backbone, proc, self.max_length)
-            if self.encode_cache:
-                self.cache = EncodeCache(encoder_fingerprint(self.encoder, self.max_pixels))
+            if self.encode_cache or self.encode_cache_dir:
+                self.cache = EncodeCache(encoder_fingerprint(self.encoder, self.max_pixels), self.encode_cache_dir)
             self.train_urls = resolve_shards(self.train_spec, field="data.train") if self.train_spec else []
             self.val_urls = {k: resolve_shards(v, field=f"data.val.{k}") for k, v in self.val_spec.items()}
             self.train_stats = SkipStats(self.strict, max_workers=max(1, self.num_workers))

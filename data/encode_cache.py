@@ -70,13 +70,17 @@ class EncodeCache:
     """Where a shard's encoded samples live (picklable: DataLoader workers get a copy)."""
 
     fingerprint: str
+    root: str | None = None  # None: beside each shard; else one directory for all (names keep the shard's folder)
 
     def path_for(self, url: str) -> Path | None:
         """The cache file of a local shard; None for ``pipe:``/remote URLs (not cached)."""
         if "://" in url or url.startswith("pipe:"):
             return None
         shard = Path(url)
-        return shard.parent / CACHE_DIR / self.fingerprint / (shard.name + ".pt")
+        if self.root is None:
+            return shard.parent / CACHE_DIR / self.fingerprint / (shard.name + ".pt")
+        folder = hashlib.sha256(str(shard.resolve().parent).encode()).hexdigest()[:8]
+        return Path(self.root) / self.fingerprint / f"{folder}-{shard.name}.pt"
 
     def load(self, url: str) -> list[Encoded] | None:
         """The shard's encoded samples, or None when there is no usable file (missing, stale or unreadable)."""

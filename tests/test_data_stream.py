@@ -309,7 +309,8 @@ def test_bench_data_reports_loader_and_training_rates(shards, capsys):
     assert main(["bench", "data", "--shards", *shards.easy_urls, "--tokenizer", shards.tokenizer_dir, "--batches", "4",
                  "--batch-size", "2", "--workers", "0,1", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)  # --json: stdout is the document alone
-    assert [r["workers"] for r in res["loader"]] == [0, 1]
+    assert [(r["workers"], r["samples"]) for r in res["loader"]] == [(0, "encoded"), (0, "cached"), (1, "encoded"), (1, "cached")]
+    assert not any(Path(u).parent.joinpath(".encoded").exists() for u in shards.easy_urls)  # its cache was temporary
     for r in res["loader"]:
         assert r["samples_per_s"] > 0 and r["train_fed_samples_per_s"] > 0
         assert r["loader_over_train"] == pytest.approx(r["samples_per_s"] / res["train_samples_per_s_preloaded"], rel=0.02)

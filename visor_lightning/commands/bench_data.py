@@ -2,25 +2,41 @@
 
 Measured in one run, on the same shards: samples/s of decode + encode + collate at each worker count, the
 training step rate of the config's model on pre-loaded batches (the ceiling), and the step rate when the
-loader feeds training (with the largest worker count). Ratios matter; absolute numbers vary with the machine.
+loader feeds training, each with samples encoded on every read and read from the encoded-sample cache
+(``data.encode_cache``, filled first in a temporary directory). Ratios matter; absolute numbers vary with the
+machine.
 """
 
 from __future__ import annotations
 
 import itertools
+import tempfile
 import time
 from typing import Any
 
 import torch
 
 
-def _loader(shards: list[str], tokenizer: str, spec, batch_size: int, batches: int, workers: int):
+def _loader(shards: list[str], tokenizer: str, spec, batch_size: int, batches: int, workers: int,
+            cache_dir: str | None = None):
     from visor_lightning.data.datamodule import VisorDataModule
 
     dm = VisorDataModule(train=shards, tokenizer=tokenizer, backbone=spec, batch_size=batch_size,
-                         num_workers=workers, batches_per_epoch=batches + max(1, workers), shuffle_buffer=64)
+                         num_workers=workers, batches_per_epoch=batches + max(1, workers), shuffle_buffer=64,
+                         encode_cache_dir=cache_dir)
     dm.setup("fit")
     return dm.train_dataloader()
+
+
+def _fill_cache(shards: list[str], tokenizer: str, spec, cache_dir: str) -> None:
+    """Every shard read to its end once, so the cached rows read encoded samples only."""
+    from visor_lightning.data.datamodule import VisorDataModule
+
+    dm = VisorDataModule(val={"all": shards}, tokenizer=tokenizer, backbone=spec, eval_batch_size=64, num_workers=0,
+                         encode_cache_dir=cache_dir)
+    dm.setup("validate")
+    for _ in dm.val_dataloader()[0]:
+        pass
 
 
 def run_bench_data(shards: list[str], tokenizer: str, config: str, batch_size: int, batches: int,
@@ -51,9 +67,9 @@ def run_bench_data(shards: list[str], tokenizer: str, config: str, batch_size: i
         step(b)
     train_sps = len(cached) * batch_size / (time.perf_counter() - t0)
 
-    def rate(w: int, train: bool) -> tuple[float, float]:
+    def rate(w: int, train: bool, cache_dir: str | None) -> tuple[float, float]:
         """(start-up seconds, samples/s) over ``batches`` batches after the first."""
-        it = iter(_loader(urls, tokenizer, spec, batch_size, batches, w))
+        it = iter(_loader(urls, tokenizer, spec, batch_size, batches, w, cache_dir))
         t0 = time.perf_counter()
         first = next(it)  # start-up: worker processes, first shard, first shuffle buffer
         if train:
@@ -66,12 +82,15 @@ def run_bench_data(shards: list[str], tokenizer: str, config: str, batch_size: i
         return t1 - t0, batches * batch_size / (time.perf_counter() - t1)
 
     rows: list[dict[str, Any]] = []
-    for w in workers:
-        startup, sps = rate(w, train=False)
-        _, fed = rate(w, train=True)
-        rows.append({"workers": w, "startup_s": round(startup, 3), "samples_per_s": round(sps, 1),
-                     "loader_over_train": round(sps / train_sps, 2), "train_fed_samples_per_s": round(fed, 1),
-                     "fed_over_preloaded": round(fed / train_sps, 2)})
+    with tempfile.TemporaryDirectory(prefix="visor-bench-cache-") as cache_dir:
+        _fill_cache(urls, tokenizer, spec, cache_dir)
+        for w, samples in itertools.product(workers, ("encoded", "cached")):
+            where = cache_dir if samples == "cached" else None
+            startup, sps = rate(w, train=False, cache_dir=where)
+            _, fed = rate(w, train=True, cache_dir=where)
+            rows.append({"workers": w, "samples": samples, "startup_s": round(startup, 3), "samples_per_s": round(sps, 1),
+                         "loader_over_train": round(sps / train_sps, 2), "train_fed_samples_per_s": round(fed, 1),
+                         "fed_over_preloaded": round(fed / train_sps, 2)})
     result = {
         "shards": len(urls), "batch_size": batch_size, "batches": batches, "config": config,
         "torch_threads": torch.get_num_threads(),
@@ -80,10 +99,10 @@ def run_bench_data(shards: list[str], tokenizer: str, config: str, batch_size: i
     }
     print(f"training ({config}, batch {batch_size}, {result['visual_tokens_per_sample']} visual tokens/sample, "
           f"{torch.get_num_threads()} torch threads): {train_sps:.1f} samples/s on pre-loaded batches")
-    print("| loader workers | start-up s | loader samples/s (decode+encode+collate) | loader / training | "
+    print("| loader workers | samples | start-up s | loader samples/s | loader / training | "
           "training fed by the loader, samples/s | fed / pre-loaded |")
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['workers']} | {r['startup_s']} | {r['samples_per_s']} | {r['loader_over_train']:.2f}x "
+        print(f"| {r['workers']} | {r['samples']} | {r['startup_s']} | {r['samples_per_s']} | {r['loader_over_train']:.2f}x "
               f"| {r['train_fed_samples_per_s']} | {r['fed_over_preloaded']:.2f} |")
     return result
