@@ -170,8 +170,9 @@ def test_missing_shards_are_named_before_training(shards, tmp_path):
         resolve_shards(str(copy / "easy-*.tar"))
 
 
-@pytest.mark.parametrize("case,workers", [("unreadable", 0), ("unreadable", 2), ("too_long", 0)])
-def test_a_training_stream_with_nothing_to_train_on_raises(shards, tmp_path, case, workers):
+@pytest.mark.parametrize("case,workers,cache", [("unreadable", 0, False), ("unreadable", 2, False), ("too_long", 0, False),
+                                                ("unreadable", 0, True), ("too_long", 0, True)])
+def test_a_training_stream_with_nothing_to_train_on_raises(shards, tmp_path, case, workers, cache):
     """Resampling never runs dry, so a stream whose shards give no usable sample must say so instead of
     spinning: shards that are not tar files, or samples that all fail to encode (every one too long)."""
     from visor_lightning.data.schema import DataError
@@ -184,7 +185,7 @@ def test_a_training_stream_with_nothing_to_train_on_raises(shards, tmp_path, cas
     else:
         kw = {"max_length": 8}
     dm = VisorDataModule(train=train, tokenizer=shards.tokenizer_dir, backbone=shards.spec, batch_size=2,
-                         num_workers=workers, batches_per_epoch=3, **kw)
+                         num_workers=workers, batches_per_epoch=3, encode_cache_dir=str(tmp_path / "enc") if cache else None, **kw)
     dm.setup("fit")
     raised: list[BaseException] = []
 
