@@ -179,6 +179,8 @@ def test_mlflow_holds_params_metrics_plot_and_weights(tiny_pipeline):
         assert "data.batch_size" in run.data.params
         history = client.get_metric_history(run.info.run_id, "train/loss")
         assert history and all(torch.isfinite(torch.tensor(m.value)) for m in history)
+        flops = client.get_metric_history(run.info.run_id, "train/gflops_per_sample")  # counted on every logged step
+        assert [m.step for m in flops] == [m.step for m in history] and all(m.value > 0 for m in flops)
         arts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"config.yaml", "eval.json", "plots", "weights"} <= arts
         assert {a.path for a in client.list_artifacts(run.info.run_id, "weights")} == {"weights/model.safetensors", "weights/visor.json"}

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from visor_lightning.optim import adamw
+
 
 def _loader(shards: list[str], tokenizer: str, spec, batch_size: int, batches: int, workers: int,
             cache_dir: str | None = None):
@@ -53,10 +55,11 @@ def run_bench_data(shards: list[str], tokenizer: str, config: str, batch_size: i
     spec = section.backbone if section.backbone.pretrained else backbone_for_tokenizer(section.backbone, tok)
     cached = list(itertools.islice(iter(_loader(urls, tokenizer, spec, batch_size, batches, 0)), batches))
     model = VisorModel(spec, section.schedule, policy_width=section.policy_width, host=None)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = adamw(model.parameters(), lr=1e-4)
 
     def step(b: dict[str, Any]) -> None:
-        out = model(b["input_ids"], b["pixel_values"], b["image_sizes"], b["attention_mask"], labels=b["labels"])
+        out = model(b["input_ids"], b["pixel_values"], b["image_sizes"], b["attention_mask"], labels=b["labels"],
+                    loss_only=True)  # as the stages train
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()

@@ -2,7 +2,8 @@
 stage at each configuration, measured and predicted by the cost model (backward counted).
 
 Random weights of the config's shapes, random input embeddings (the vision tower is frozen in both and left out),
-the loss on every text token as in the stages. Rows are interleaved round by round like ``visor bench prefill``.
+the loss on every text token (the stages take it on the answer tokens only: a few percent less LM-head work on
+the demo's model), AdamW as the stages build it. Rows are interleaved round by round like ``visor bench prefill``.
 The dense row trains the host LLM and LM head; a universal row also trains the CA blocks (what the optimizer
 updates is counted from the gradients that exist after the step, and the cost model gets the same count).
 """
@@ -14,6 +15,8 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+
+from visor_lightning.optim import adamw
 
 from visor_lightning.commands.bench_model import _timer, build_lms, make_inputs, resolve_device
 from visor_lightning.costmodel import CostModel
@@ -50,7 +53,7 @@ def run_train_bench(section, work: Workload, *, batch: int = 1, repeats: int = 2
 
             compile_lm(visor)  # the dense LM shares these layers
         # one optimizer over every parameter: rows without a gradient (CA blocks in the dense row) are skipped by AdamW
-        opt = torch.optim.AdamW(visor.parameters(), lr=1e-6)
+        opt = adamw(visor.parameters(), lr=1e-6)
         rows.append(dict(config="dense", sa="all", mode=mode, lm=dense, owner=visor, opt=opt, inputs=(emb_d, is_vis_d, mask_d),
                          ids=None, keys=fm.visual_keys(None, nv_dense), ca_nv=None, cm=dense_cm))
         for cid, active in enumerate(sch.feasible):

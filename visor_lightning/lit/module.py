@@ -19,6 +19,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from visor_lightning.flops import FlopsModel, token_counts
+from visor_lightning.optim import adamw
 from visor_lightning.models import BackboneSpec, LayerSchedule, ScheduleConfig, VisorModel
 from visor_lightning.models.fastv import FastVConfig
 from visor_lightning.models.policy import parse_knob_target
@@ -225,10 +226,19 @@ class VisorLitModule(pl.LightningModule):
         out = self.forward_batch(batch, ids)
         self.last_layer_calls = out.lm.layer_calls
         bs = batch["input_ids"].shape[0]
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=bs, sync_dist=True)  # mean over ranks
-        self.log_flops("train", batch["input_ids"], batch["attention_mask"], ids, routed=False,
-                       image_sizes=batch["image_sizes"])
+        logged = self.logging_step()
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=bs, sync_dist=logged)  # mean over ranks when logged
+        if logged:
+            self.log_flops("train", batch["input_ids"], batch["attention_mask"], ids, routed=False,
+                           image_sizes=batch["image_sizes"])
         return out.loss
+
+    def logging_step(self) -> bool:
+        """Whether Lightning writes this step's metrics to the loggers (every ``trainer.log_every_n_steps``). A
+        per-step value of any other step reaches no logger (only the progress bar's latest), so those steps skip
+        the cross-rank mean of the loss and the FLOPs count."""
+        connector = getattr(self._trainer, "_logger_connector", None)
+        return bool(getattr(connector, "should_update_logs", True))
 
     def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._batch_ids = list(batch.get("id") or [])
@@ -286,7 +296,7 @@ class VisorLitModule(pl.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise ValueError(f"{self.stage}: nothing to train (train_parts={self.train_parts})")
-        opt = torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay, betas=tuple(h.betas))
+        opt = adamw(params, lr=h.lr, weight_decay=h.weight_decay, betas=tuple(h.betas))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: warmup_cosine(step, h.warmup_steps, total, h.min_lr_ratio))
