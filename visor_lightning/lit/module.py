@@ -226,17 +226,16 @@ class VisorLitModule(pl.LightningModule):
         out = self.forward_batch(batch, ids)
         self.last_layer_calls = out.lm.layer_calls
         bs = batch["input_ids"].shape[0]
-        logged = self.logging_step()
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=bs, sync_dist=logged)  # mean over ranks when logged
-        if logged:
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=bs, sync_dist=True)  # mean over ranks
+        if self.logging_step():
             self.log_flops("train", batch["input_ids"], batch["attention_mask"], ids, routed=False,
                            image_sizes=batch["image_sizes"])
         return out.loss
 
     def logging_step(self) -> bool:
         """Whether Lightning writes this step's metrics to the loggers (every ``trainer.log_every_n_steps``). A
-        per-step value of any other step reaches no logger (only the progress bar's latest), so those steps skip
-        the cross-rank mean of the loss and the FLOPs count."""
+        per-step value of any other step reaches no logger, so those steps skip the FLOPs count (the loss is logged
+        on every step: the progress lines read the latest, and Lightning wants one ``sync_dist`` per key)."""
         connector = getattr(self._trainer, "_logger_connector", None)
         return bool(getattr(connector, "should_update_logs", True))
 

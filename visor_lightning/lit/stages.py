@@ -276,8 +276,7 @@ class PolicyTraining(VisorLitModule):
             chosen = y.argmax(1)
             self.log_dict({"train/task_loss": task, "train/mean_cost": mean_cost, "train/budget_penalty": penalty,
                            "train/target_cost": target}, batch_size=bs)
-        logged = self.logging_step()
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs, sync_dist=logged)
-        if logged:
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
+        if self.logging_step():
             self.log_flops("train", batch["prompt_ids"], batch["prompt_mask"], chosen, routed=True)
         return loss
