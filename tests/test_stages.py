@@ -152,12 +152,18 @@ def test_universal_stage_trains_under_ddp_with_two_ranks(tiny_pipeline, tmp_path
             "--model.init_args.init_from", str(tiny_pipeline["out"] / "full_finetune" / "weights"),
             "--trainer.default_root_dir", str(root), "--trainer.max_steps", "4", "--data.batches_per_epoch", "4",
             "--data.batch_size", "2", "--global_batch_size", "4", "--data.num_workers", "1",
-            "--data.val.easy", str(d / "easy_dev-000000.tar"), "--data.val.hard", str(d / "hard_dev-000000.tar")]
+            "--data.val.easy", str(d / "easy_dev-000000.tar"), "--data.val.hard", str(d / "hard_dev-000000.tar"),
+            "--trainer.log_every_n_steps", "2"]  # steps that log (their loss averaged over ranks) and steps that do not
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in done.stderr + done.stdout
     meta = json.loads((root / "weights" / "visor.json").read_text())
     assert meta["global_step"] == 4  # accumulation 4 / (2 x 2 ranks) = 1
+    from mlflow import MlflowClient
+
+    client, run_id = MlflowClient(env["MLFLOW_TRACKING_URI"]), (root / "mlflow_run_id").read_text().strip()
+    for key in ("train/loss", "train/gflops_per_sample"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 3], key
     results = json.loads((root / "eval.json").read_text())["results"]
     assert set(results) == {"easy", "hard"} and len(results["easy"]) == len(meta["schedule"]["feasible"])
 

@@ -38,6 +38,7 @@ def _fit_to_file(demo_data: Path, tmp: Path, show_all: bool) -> tuple[str, str]:
         subprocess.run([sys.executable, "-m", "visor_lightning", "fit", "--config", "experiments/debug/stage0_base.yaml",
                         "--trainer.max_steps", "4", "--data.batches_per_epoch", "4", "--global_batch_size", "4",
                         "--data.batch_size", "4", "--data.num_workers", "0", "--trainer.limit_val_batches", "1",
+                        "--trainer.log_every_n_steps", "2",  # steps that log and steps that do not
                         "--trainer.default_root_dir", str(tmp / "run"), "--mlflow", "false"],
                        cwd=ROOT, env=env, stdout=o, stderr=e, check=True, timeout=600)
     return out.read_text(), err.read_text()
