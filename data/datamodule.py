@@ -107,8 +107,8 @@ class VisorDataModule(pl.LightningDataModule):
             each new length is one more compile; 1 = pad to the longest sample only).
         encode_cache: keep each shard's encoded samples beside it (``<shard dir>/.encoded/``) once read, so later
             reads skip decoding, the chat template, the tokenizer and the image processor (data/encode_cache.py).
-            Pays for small images (the demo's 32-px scenes: 25 KB a sample on disk); a 0.5B LLaVA-OV AnyRes sample
-            is ~18 MB, so it is off by default. Training then shuffles encoded samples.
+            Pays for small images (the demo's 32-px scenes: ~6 KB a sample on disk); a 0.5B LLaVA-OV AnyRes sample
+            takes 4-18 MB, so it is off by default. Training then shuffles encoded samples.
         encode_cache_dir: keep the encoded samples here instead of beside the shards (read-only data, benchmarks);
             setting it turns the cache on.
     """

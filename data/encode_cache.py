@@ -1,7 +1,7 @@
 """Samples encoded once: a shard's encoded samples (token ids, labels, prompt, pixel tiles) saved beside it.
 
-The chat template, tokenizer and AnyRes image processor cost about as much per sample as a training step of the
-demo's tiny model spends on it, and every stage, validation and evaluation re-reads the same shards. With
+The chat template, tokenizer and AnyRes image processor cost about an eighth of a training step of the demo's tiny
+model, and every stage, validation and evaluation re-reads the same shards. With
 ``data.encode_cache`` a shard that was read to its end, with every sample valid and encoded, is written to
 ``<shard dir>/.encoded/<fingerprint>/<shard>.pt``; later reads of that shard (by any stage, rank or worker) load it
 instead of decoding and encoding again.
@@ -18,8 +18,8 @@ What makes the files safe to reuse:
   one that cannot be loaded is read afresh and replaced.
 
 Pixels are stored exactly: as one byte per value plus a palette when a shard holds at most 256 distinct values
-(SigLIP's normalisation of 8-bit images gives 256), else as float32. Each sample costs its pixels: about 25 KB
-for the demo's 32-px scenes, but ~18 MB for a 0.5B LLaVA-OV AnyRes sample (10 crops of 384 px), which is why
+(SigLIP's normalisation of 8-bit images gives 256), else as float32. Each sample costs its pixels: about 6 KB
+for the demo's 32-px scenes, but 4-18 MB for a 0.5B LLaVA-OV AnyRes sample (10 crops of 384 px), which is why
 the cache is off by default.
 """
 

@@ -4,7 +4,9 @@ Training streams are infinite (WebDataset's ``ResampledShards``, a per-rank/work
 into a fixed number of full batches per worker, so every rank runs the same number of steps and DDP never
 waits on a rank that ran dry. Evaluation streams are finite: ``split_by_node`` then ``split_by_worker`` over the
 shard list, so each sample is read exactly once across all ranks and workers. The rank is taken in the main
-process (a forkserver-started worker has no process group to ask).
+process (a forkserver-started worker has no process group to ask). With the encoded-sample cache
+(``data.encode_cache``, encode_cache.py) samples are encoded shard by shard as they are read, and a shard seen
+before is loaded already encoded.
 """
 
 from __future__ import annotations

@@ -19,11 +19,11 @@ import torch
 from torchmetrics import MeanMetric
 
 from visor_lightning.flops import FlopsModel, token_counts
-from visor_lightning.optim import adamw
 from visor_lightning.models import BackboneSpec, LayerSchedule, ScheduleConfig, VisorModel
 from visor_lightning.models.fastv import FastVConfig
 from visor_lightning.models.policy import parse_knob_target
 from visor_lightning.models.schedule import DENSE
+from visor_lightning.optim import adamw
 
 from .metrics import ChoiceCounts, ExactMatch, metric_key, normalize_answer
 

@@ -68,7 +68,7 @@ class LoadReport:
 
 @dataclass
 class VisorOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None under loss_only
     loss: torch.Tensor | None
     lm: LMOutput
 
@@ -260,6 +260,8 @@ class VisorModel(nn.Module):
         """
         if loss_only and labels is None:
             raise ValueError("loss_only needs labels")
+        if labels is not None and last_only:
+            raise ValueError("labels need logits for every text token: last_only must be False")
         embeds, is_visual = self.embed(input_ids, pixel_values, image_sizes)
         st = Streams.split(is_visual, attention_mask if attention_mask is not None else torch.ones_like(is_visual))
         targets = self.text_targets(labels, st.text_idx) if labels is not None else None
@@ -270,8 +272,6 @@ class VisorModel(nn.Module):
         )
         loss = None
         if targets is not None:
-            if last_only:
-                raise ValueError("labels need logits for every text token: last_only must be False")
             if loss_only:
                 loss = nn.functional.cross_entropy(out.logits.float(), targets[targets != -100])
             else:
