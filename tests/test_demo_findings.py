@@ -2,8 +2,9 @@
 the findings printed as holding must hold (issue "science"). A change that blinds the models fails here.
 
 The findings' thresholds are ``visor_lightning.commands.summary.THRESHOLDS``, the numbers the printed table uses, so this
-test is never weaker than the table: ``GUARDED`` lists every finding the committed demo prints as holding. Those
-that do not hold (see docs/quickstart.md) are still computed and printed, and checked here to be reported.
+test is never weaker than the table: ``GUARDED`` lists every finding the committed demo prints as holding with a margin
+beyond its noise (see the note above it). The others (docs/quickstart.md) are still computed and printed, and checked
+here to be reported.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FINDINGS = ("a_models_see", "b_easy_needs_little", "c_hard_needs_sa", "d_one_network", "e_router", "f_token_pruning")
-# held on the committed demo on both seeds 0 and 1 of the whole pipeline (docs/quickstart.md): (a) 3.17x / 3.10x the
-# hard question-only baseline (threshold 3.0), (c) 25.3 / 26.7 points (threshold 8); (d) held on seed 1 only, (e) on
-# neither (its first clause: the strictest knob keeps 97.7% of `beside` on seed 0, 98.5% of `tally` on seed 1)
+# held on the committed demo on both seeds 0 and 1 of the whole pipeline (docs/quickstart.md): (a) 3.15x / 3.13x the
+# hard question-only baseline (threshold 3.0), (c) 26.0 / 23.3 points (threshold 8); (e) on neither (its first clause:
+# the strictest knob keeps 89.0% of `beside` on seed 0, 94.9% on seed 1). (d) prints as holding on both seeds (-0.9 /
+# -0.3 points, threshold 3) but is not guarded: the previous version, whose training differed only in rounding (fused
+# AdamW, the loss's LM head on answer tokens), printed -4.5 on seed 0, so its margin is within a kernel change's noise
 GUARDED = ("a_models_see", "c_hard_needs_sa")
 SEES = 0.10  # every trained row, each family: real - swapped accuracy (1,000 samples: 10 points is far beyond noise)
 
