@@ -82,7 +82,11 @@ def test_bench_train_times_eager_and_compiled_rows(capsys):
         assert (r["compile_s"] is None) == (mode == "eager")
         # same weights, same inputs: the compiled twin trains the same parameters
         assert r["trained_matrix_params"] == rows[(config, "eager")]["trained_matrix_params"]
-    assert all(rows[(c, "compiled")]["compile_s"] > 0.5 for c in configs[:1])  # the first compiled row compiles
+    # the first compiled row compiles (dynamo's graph count, not a time: inductor's on-disk cache makes a warm compile
+    # take well under a second); every compiled row reports what compiling cost it
+    first = rows[(configs[0], "compiled")]
+    assert first["compile_graphs"] > 0 and first["compile_s"] > 0
+    assert all(r["compile_graphs"] is None for (_, mode), r in rows.items() if mode == "eager")
 
 
 def test_fit_with_compile_reports_its_cost_on_the_progress_line(demo_data, tmp_path):
