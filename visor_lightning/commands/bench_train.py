@@ -16,14 +16,13 @@ from typing import Any
 
 import torch
 
-from visor_lightning.optim import adamw
-
 from visor_lightning.commands.bench_model import _timer, build_lms, make_inputs, resolve_device
 from visor_lightning.costmodel import CostModel
 from visor_lightning.devprofile import DeviceProfile, get_profile
 from visor_lightning.flops import FlopsModel, Workload
 from visor_lightning.models.compiled import compile_stats
 from visor_lightning.models.schedule import LayerSchedule, config_name
+from visor_lightning.optim import adamw
 
 
 def run_train_bench(section, work: Workload, *, batch: int = 1, repeats: int = 2, warmup: int = 1,
