@@ -227,14 +227,13 @@ class VisorLitModule(pl.LightningModule):
         self.last_layer_calls = out.lm.layer_calls
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", out.loss, prog_bar=True, batch_size=bs, sync_dist=True)  # mean over ranks
-        if self.logging_step():
-            self.log_flops("train", batch["input_ids"], batch["attention_mask"], ids, routed=False,
-                           image_sizes=batch["image_sizes"])
+        self.log_flops("train", batch["input_ids"], batch["attention_mask"], ids, routed=False,
+                       image_sizes=batch["image_sizes"])
         return out.loss
 
     def logging_step(self) -> bool:
         """Whether Lightning writes this step's metrics to the loggers (every ``trainer.log_every_n_steps``). A
-        per-step value of any other step reaches no logger, so those steps skip the FLOPs count (the loss is logged
+        per-step value of any other step reaches no logger, so :meth:`log_flops` skips those steps (the loss is logged
         on every step: the progress lines read the latest, and Lightning wants one ``sync_dist`` per key)."""
         connector = getattr(self._trainer, "_logger_connector", None)
         return bool(getattr(connector, "should_update_logs", True))
@@ -256,6 +255,8 @@ class VisorLitModule(pl.LightningModule):
 
     def log_flops(self, prefix: str, ids: torch.Tensor, mask: torch.Tensor, config_ids: torch.Tensor, routed: bool,
                   image_sizes: torch.Tensor | None = None) -> None:
+        if not self.logging_step():  # a per-step value no logger would receive: not worth its per-sample count
+            return
         flops, dense = self.flops_per_sample(ids, mask, config_ids, routed, image_sizes)
         self.log(f"{prefix}/gflops_per_sample", flops.mean() / 1e9, batch_size=len(flops))
         self.log(f"{prefix}/flops_saving", dense.sum() / flops.sum(), batch_size=len(flops))

@@ -277,6 +277,5 @@ class PolicyTraining(VisorLitModule):
             self.log_dict({"train/task_loss": task, "train/mean_cost": mean_cost, "train/budget_penalty": penalty,
                            "train/target_cost": target}, batch_size=bs)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
-        if self.logging_step():
-            self.log_flops("train", batch["prompt_ids"], batch["prompt_mask"], chosen, routed=True)
+        self.log_flops("train", batch["prompt_ids"], batch["prompt_mask"], chosen, routed=True)
         return loss
