@@ -263,7 +263,7 @@ class VisorModel(nn.Module):
         if labels is not None and last_only:
             raise ValueError("labels need logits for every text token: last_only must be False")
         embeds, is_visual = self.embed(input_ids, pixel_values, image_sizes)
-        st = Streams.split(is_visual, attention_mask if attention_mask is not None else torch.ones_like(is_visual))
+        st = Streams.split(is_visual, attention_mask)
         targets = self.text_targets(labels, st.text_idx) if labels is not None else None
         out = self.lm(
             embeds, is_visual, attention_mask, config_ids=config_ids,

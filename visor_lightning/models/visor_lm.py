@@ -40,10 +40,11 @@ class Streams:
     last_text: torch.Tensor  # [B] slot of each row's last text token (generation reads its logits)
 
     @classmethod
-    def split(cls, is_visual: torch.Tensor, attention_mask: torch.Tensor) -> "Streams":
+    def split(cls, is_visual: torch.Tensor, attention_mask: torch.Tensor | None = None) -> "Streams":
+        """``attention_mask`` None: every position is real."""
         b, n = is_visual.shape
         dev = is_visual.device
-        attn = attention_mask.bool()
+        attn = attention_mask.bool() if attention_mask is not None else torch.ones_like(is_visual, dtype=torch.bool)
         n_text = (~is_visual).sum(1)
         n_vis = is_visual.sum(1)
         nt, nv = int(n_text.max()), int(n_vis.max())
@@ -171,8 +172,6 @@ class VisorLanguageModel(nn.Module):
         sch = self.schedule
         b, n, _ = inputs_embeds.shape
         dev = inputs_embeds.device
-        if attention_mask is None:
-            attention_mask = torch.ones(b, n, dtype=torch.bool, device=dev)
         st = streams if streams is not None else Streams.split(is_visual, attention_mask)
         if config_ids is None and (policy is None or sch.router_layer is None):
             config_ids = torch.full((b,), sch.full_config, dtype=torch.long, device=dev)
